@@ -1,0 +1,163 @@
+"""Messages that the actors pass to each other over memory channels.
+
+Every message is an immutable ``attrs`` value. Times are Unix seconds (float)
+taken from the wall clock when the message was made; actors that need
+monotonic time for timers use ``trio.current_time()`` separately.
+
+Flow (each arrow a bounded ``trio`` memory channel)::
+
+    intake --FeedMessage--> decoder --WindowEvent--> window --Update--> fan-out
+                                                ^
+                   baseline (RPC) --WindowEvent-'
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from .decode import Block, Tx
+from .estimate import Estimate
+
+# ---------------------------------------------------------------- intake -> decoder
+
+
+@attrs.frozen
+class RawTx:
+    """A ``rawtx`` body as published, not yet decoded."""
+
+    body: bytes
+    received: float
+
+
+@attrs.frozen
+class SequenceEvent:
+    """A ``sequence`` notification: label is one of ``C D A R``.
+
+    ``hash`` is in internal byte order (as published, byte-reversed from
+    display order). ``mempool_seq`` is set for ``A`` and ``R``.
+    """
+
+    hash: bytes
+    label: str
+    mempool_seq: int | None
+    received: float
+
+
+@attrs.frozen
+class HashBlock:
+    hash: bytes  # internal byte order
+    received: float
+
+
+@attrs.frozen
+class FeedTrouble:
+    """The feed lost messages (``kind="gap"``), the node restarted
+    (``kind="restart"``) or went silent and was reconnected (``kind="stale"``).
+    Consumers must not trust their window afterwards and should resynchronise.
+    """
+
+    kind: str
+    topic: str
+    detail: str
+    received: float
+
+
+FeedMessage = RawTx | SequenceEvent | HashBlock | FeedTrouble
+
+# ---------------------------------------------------------------- decoder -> window
+
+
+@attrs.frozen
+class TxSeen:
+    """A decoded transaction from the feed (mempool arrival or block repeat)."""
+
+    tx: Tx
+    received: float
+
+
+@attrs.frozen
+class TxRemoved:
+    """Removed from the mempool for a reason other than being mined."""
+
+    txid: bytes  # internal byte order
+    received: float
+
+
+@attrs.frozen
+class BlockConnected:
+    """A block joined the best chain.
+
+    ``block`` is the decoded block when it is known (fetched over RPC or read
+    from a file); from ZMQ alone only the hash is known, and the window then
+    confirms the transactions whose ``rawtx`` repeats preceded the ``C``.
+    ``height`` is None when unknown.
+    """
+
+    hash: bytes  # internal byte order
+    block: Block | None
+    height: int | None
+    received: float
+
+
+@attrs.frozen
+class BlockDisconnected:
+    hash: bytes
+    received: float
+
+
+@attrs.frozen
+class Resync:
+    """Forget the window and rebuild it (after a gap or a node restart)."""
+
+    reason: str
+    received: float
+
+
+WindowEvent = TxSeen | TxRemoved | BlockConnected | BlockDisconnected | Resync | FeedTrouble
+
+# ---------------------------------------------------------------- window -> fan-out
+
+
+@attrs.frozen
+class Point:
+    """One per-output implied price point for the live clouds."""
+
+    price: float
+    sats: int
+    time: float
+    txid: str  # display hex
+    confirmed: bool
+
+
+@attrs.frozen
+class EstimateUpdate:
+    estimate: Estimate
+    time: float
+    window_outputs: int
+    confirmed_outputs: int
+    mempool_outputs: int
+
+
+@attrs.frozen
+class PointsBatch:
+    points: tuple[Point, ...]
+
+
+@attrs.frozen
+class BlockEvent:
+    hash: str  # display hex
+    height: int | None
+    time: float
+    kind: str  # "connected" or "disconnected"
+    confirmed_txids: int
+
+
+@attrs.frozen
+class StatusChange:
+    component: str
+    status: str
+    detail: str
+    time: float
+
+
+Update = EstimateUpdate | PointsBatch | BlockEvent | StatusChange
