@@ -1,0 +1,91 @@
+"""Prometheus metrics for one running service.
+
+Each service owns one :class:`Metrics` with its own registry (not the
+process-global one), so several services, or tests, can share a process.
+Actors receive it as an optional argument and update it directly; ``/metrics``
+serves :meth:`Metrics.render`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def _registry() -> CollectorRegistry:
+    return CollectorRegistry(auto_describe=True)
+
+
+@attrs.define(eq=False)
+class Metrics:
+    registry: CollectorRegistry = attrs.field(factory=_registry)
+
+    def __attrs_post_init__(self) -> None:
+        r = self.registry
+        p = "fiatprint_"
+        self.messages = Counter(
+            p + "zmq_messages", "ZMQ messages received", ["topic"], registry=r
+        )
+        self.lost_messages = Counter(
+            p + "zmq_lost_messages",
+            "Messages the publisher dropped, from counter gaps",
+            ["topic"],
+            registry=r,
+        )
+        self.restarts = Counter(
+            p + "node_restarts", "Node restarts seen as counter resets", registry=r
+        )
+        self.reconnects = Counter(
+            p + "zmq_reconnects", "Reconnects after a silent feed", registry=r
+        )
+        self.decode_errors = Counter(
+            p + "decode_errors", "Malformed messages dropped", ["reason"], registry=r
+        )
+        self.filter_rejections = Counter(
+            p + "filter_rejections",
+            "Transactions whose outputs the method does not use",
+            ["reason"],
+            registry=r,
+        )
+        self.clients = Gauge(p + "ws_clients", "Connected WebSocket clients", registry=r)
+        self.dropped_frames = Counter(
+            p + "ws_dropped_frames",
+            "Updates skipped for clients that fell behind",
+            registry=r,
+        )
+        self.bad_client_messages = Counter(
+            p + "ws_bad_client_messages",
+            "Client messages rejected (too large or not understood)",
+            registry=r,
+        )
+        self.window_outputs = Gauge(
+            p + "window_outputs", "Outputs in the window", ["state"], registry=r
+        )
+        self.price = Gauge(p + "price_usd", "Latest price estimate", registry=r)
+        self.price_updated = Gauge(
+            p + "price_updated_timestamp_seconds",
+            "Unix time of the latest estimate",
+            registry=r,
+        )
+        self.price_age = Gauge(
+            p + "price_age_seconds", "Seconds since the latest estimate", registry=r
+        )
+        self.price_age.set_function(self._price_age)
+        self.last_block_height = Gauge(
+            p + "last_block_height", "Height of the last connected block", registry=r
+        )
+
+    def _price_age(self) -> float:
+        updated = self.price_updated._value.get()
+        return time.time() - updated if updated else float("nan")
+
+    def render(self) -> bytes:
+        """The metrics in Prometheus text format."""
+        return generate_latest(self.registry)
