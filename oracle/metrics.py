@@ -23,7 +23,7 @@ def _registry() -> CollectorRegistry:
     return CollectorRegistry(auto_describe=True)
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, slots=False)
 class Metrics:
     registry: CollectorRegistry = attrs.field(factory=_registry)
 
