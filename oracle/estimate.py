@@ -314,7 +314,9 @@ def implied_prices(
     return usd_values / n[idx], idx
 
 
-def central_point(points: FloatArray, lo: float, hi: float) -> tuple[float, float] | None:
+def central_point(
+    points: FloatArray, lo: float, hi: float
+) -> tuple[float, float] | None:
     """The point strictly inside (lo, hi) with the least total absolute
     distance to the others (first on ties), and its median absolute deviation.
 

@@ -54,7 +54,9 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.clients = Gauge(p + "ws_clients", "Connected WebSocket clients", registry=r)
+        self.clients = Gauge(
+            p + "ws_clients", "Connected WebSocket clients", registry=r
+        )
         self.dropped_frames = Counter(
             p + "ws_dropped_frames",
             "Updates skipped for clients that fell behind",

@@ -1,0 +1,141 @@
+"""``fiatprint price``: the price of a window of blocks, or of a vector file.
+
+Exit status: 0 with a price, 3 when there is not enough data, 2 for bad usage
+or malformed input (with a one-line message naming the file and the problem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from .chart import write_chart
+from .cli import EXIT_NO_DATA, EXIT_OK, EXIT_USAGE
+from .decode import Block, DecodeError, parse_block
+from .report import PriceReport, price_blocks, price_vector
+
+__all__ = ["add_arguments", "load_block_file", "run"]
+
+_HEIGHT_IN_NAME = re.compile(r"^(\d+)-[0-9a-f]{64}\.bin$")
+
+
+class UsageError(Exception):
+    """Bad input or usage; the message is one line naming the file and problem."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "files",
+        nargs="*",
+        metavar="FILE",
+        help="raw block files (consensus serialisation), read as one window",
+    )
+    parser.add_argument(
+        "--vector",
+        metavar="FILE",
+        help="a JSON vector of filtered outputs (filtered_outputs, block_heights, "
+        "block_times) instead of block files",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of a line"
+    )
+    parser.add_argument(
+        "--chart",
+        metavar="FILE.html",
+        help="also write a self-contained page plotting every price point",
+    )
+
+
+def load_block_file(path: Path) -> tuple[int | None, Block]:
+    """Read and decode one raw block file; its height from BIP34 or the name.
+
+    Raises:
+      UsageError: unreadable file or malformed block, naming the file.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        block = parse_block(data)
+    except DecodeError as exc:
+        raise UsageError(f"{path}: not a valid block: {exc}") from exc
+    height = block.bip34_height
+    named = _HEIGHT_IN_NAME.match(path.name)
+    if named and (height is None or height != int(named.group(1))):
+        # Before BIP34 (height 227931) the coinbase holds no height: trust a
+        # file named <height>-<hash>.bin when its hash matches the header.
+        if path.name[len(named.group(1)) + 1 : -4] == block.hash_hex:
+            height = int(named.group(1))
+    return height, block
+
+
+def _load_vector(path: Path) -> PriceReport:
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or "filtered_outputs" not in doc:
+        raise UsageError(f"{path}: no 'filtered_outputs' list in the vector")
+    amounts = doc["filtered_outputs"]
+    heights = doc.get("block_heights", [-1] * len(amounts))
+    times = doc.get("block_times", [0] * len(amounts))
+    for name, values in (
+        ("filtered_outputs", amounts),
+        ("block_heights", heights),
+        ("block_times", times),
+    ):
+        if not isinstance(values, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in values
+        ):
+            raise UsageError(f"{path}: '{name}' is not a list of numbers")
+    try:
+        return price_vector(amounts, heights, times)
+    except (ValueError, OverflowError) as exc:
+        raise UsageError(f"{path}: {exc}") from exc
+
+
+def blocks_report(paths: list[Path]) -> PriceReport:
+    loaded = [load_block_file(p) for p in paths]
+    # One window in height order; a block of unknown height sorts by time.
+    loaded.sort(key=lambda hb: (hb[0] if hb[0] is not None else -1, hb[1].header.time))
+    return price_blocks(loaded)
+
+
+def emit(report: PriceReport, args: argparse.Namespace) -> int:
+    """Print the report as the flags ask; write the chart; return the status."""
+    if args.json:
+        print(json.dumps(report.as_json()))
+    else:
+        print(report.human())
+    if args.chart:
+        try:
+            write_chart(report, Path(args.chart))
+        except OSError as exc:
+            print(
+                f"fiatprint price: {args.chart}: cannot write chart: {exc}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    return EXIT_OK if report.ok else EXIT_NO_DATA
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.vector:
+            if args.files:
+                raise UsageError("give either block files or --vector, not both")
+            report = _load_vector(Path(args.vector))
+        elif args.files:
+            report = blocks_report([Path(f) for f in args.files])
+        else:
+            raise UsageError("nothing to price: give block files or --vector FILE")
+    except UsageError as exc:
+        print(f"fiatprint price: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return emit(report, args)
