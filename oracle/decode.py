@@ -240,7 +240,7 @@ def _tx_at(data: bytes, start: int, end: int) -> tuple[Tx, int]:
     n_in, pos = _count(data, pos, end, "input", _MIN_TXIN)
     if n_in == 0 and segwit:
         raise DecodeError("segwit transaction with no inputs", body_start)
-    inputs = []
+    inputs: list[TxIn] = []
     append_in = inputs.append
     for _ in range(n_in):
         if pos + 36 > end:
@@ -254,7 +254,7 @@ def _tx_at(data: bytes, start: int, end: int) -> tuple[Tx, int]:
         append_in(TxIn(prev_txid, prev_index, slen, _U32(data, pos)[0], script))
         pos += 4
     n_out, pos = _count(data, pos, end, "output", _MIN_TXOUT)
-    outputs = []
+    outputs: list[TxOut] = []
     append_out = outputs.append
     for _ in range(n_out):
         if pos + 8 > end:
