@@ -13,6 +13,10 @@ import sys
 #: subcommand name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "price": ("oracle.price_cli", "compute the price from blocks or a vector file"),
+    "replay": (
+        "oracle.replay",
+        "publish real blocks over ZMQ in Bitcoin Core's format",
+    ),
 }
 
 EXIT_OK = 0
