@@ -1,0 +1,183 @@
+"""systemd notifications: exact datagrams on a socket the test listens on.
+
+Rules: real unix datagram sockets (a path in tmp_path, or an abstract name),
+trio's autojump clock for the watchdog cadence, a timeout on every test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from oracle.notify import (
+    UNHEALTHY_STATUS,
+    Notifier,
+    run_watchdog,
+    watchdog_interval,
+)
+
+
+def _listener(address: str | bytes) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.setblocking(False)
+    return sock
+
+
+def _drain(sock: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096))
+        except BlockingIOError:
+            return out
+
+
+@pytest.fixture
+def notify_path(tmp_path: Path):
+    path = tmp_path / "notify"
+    sock = _listener(str(path))
+    yield str(path), sock
+    sock.close()
+
+
+def test_messages_on_a_path_socket(notify_path) -> None:
+    path, sock = notify_path
+    n = Notifier.from_environ({"NOTIFY_SOCKET": path})
+    assert n.enabled
+    assert n.ready(status="serving http://127.0.0.1:8080/")
+    assert n.status("two\nlines")
+    assert n.watchdog()
+    assert n.stopping()
+    assert _drain(sock) == [
+        b"READY=1\nSTATUS=serving http://127.0.0.1:8080/",
+        b"STATUS=two lines",
+        b"WATCHDOG=1",
+        b"STOPPING=1",
+    ]
+    assert n.last_status == "two lines"
+    n.close()
+
+
+def test_abstract_socket_name() -> None:
+    name = f"fiatprint-test-{os.getpid()}-{id(object())}"
+    sock = _listener(b"\0" + name.encode())
+    try:
+        n = Notifier.from_environ({"NOTIFY_SOCKET": "@" + name})
+        assert n.ready()
+        assert _drain(sock) == [b"READY=1"]
+        n.close()
+    finally:
+        sock.close()
+
+
+def test_without_notify_socket_nothing_is_sent() -> None:
+    n = Notifier.from_environ({})
+    assert not n.enabled
+    assert not n.ready()
+    assert not n.watchdog()
+
+
+def test_unsupported_address_disables() -> None:
+    n = Notifier("vsock:2:1234")
+    assert not n.enabled
+    assert not n.ready()
+
+
+def test_gone_socket_returns_false_and_does_not_raise(tmp_path: Path) -> None:
+    n = Notifier(str(tmp_path / "nobody-listens"))
+    assert n.enabled
+    assert not n.ready()
+    n.close()
+
+
+def test_watchdog_interval_from_environment() -> None:
+    pid = str(os.getpid())
+    assert watchdog_interval({}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": pid}) == 15.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+
+
+async def test_watchdog_pings_at_half_interval_only_while_healthy(
+    notify_path, autojump_clock
+) -> None:
+    path, sock = notify_path
+    notifier = Notifier(path)
+    notifier.status("serving")
+    _drain(sock)
+    healthy = True
+    log: list[tuple[float, bytes]] = []
+
+    async def record() -> None:
+        tsock = trio.socket.from_stdlib_socket(sock)
+        while True:
+            data = await tsock.recv(4096)
+            log.append((trio.current_time(), data))
+
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(record)
+            start = trio.current_time()
+            await nursery.start(
+                partial(
+                    run_watchdog,
+                    lambda: healthy,
+                    notifier=notifier,
+                    environ={"WATCHDOG_USEC": "20000000"},
+                )
+            )
+            await trio.sleep(25)  # pings at 0, 10, 20
+            healthy = False
+            await trio.sleep(30)  # checks at 30, 40, 50: no pings
+            healthy = True
+            await trio.sleep(20)  # pings at 60, 70
+            nursery.cancel_scope.cancel()
+    got = [(round(t - start, 6), data) for t, data in log]
+    assert got == [
+        (0.0, b"WATCHDOG=1"),
+        (10.0, b"WATCHDOG=1"),
+        (20.0, b"WATCHDOG=1"),
+        (30.0, b"STATUS=" + UNHEALTHY_STATUS.encode()),
+        (60.0, b"STATUS=serving"),
+        (60.0, b"WATCHDOG=1"),
+        (70.0, b"WATCHDOG=1"),
+    ]
+    notifier.close()
+
+
+async def test_watchdog_health_check_that_raises_counts_as_unhealthy(
+    notify_path, autojump_clock
+) -> None:
+    path, sock = notify_path
+    notifier = Notifier(path)
+
+    def broken() -> bool:
+        raise RuntimeError("no idea")
+
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(run_watchdog, broken, notifier=notifier, interval=5.0)
+            )
+            await trio.sleep(12)
+            nursery.cancel_scope.cancel()
+    assert _drain(sock) == [b"STATUS=" + UNHEALTHY_STATUS.encode()]
+    notifier.close()
+
+
+async def test_no_watchdog_configured_returns_at_once(notify_path) -> None:
+    path, sock = notify_path
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(run_watchdog, lambda: True, notifier=Notifier(path), environ={})
+            )
+    assert _drain(sock) == []
