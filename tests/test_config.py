@@ -1,0 +1,200 @@
+"""Settings loading: precedence file < environment < flags, exact errors."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from oracle.config import (
+    ConfigError,
+    Settings,
+    add_arguments,
+    load_settings,
+)
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _error(args: argparse.Namespace, environ: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(args, environ)
+    return str(info.value)
+
+
+def test_defaults_without_any_source() -> None:
+    assert load_settings(_parse(), {}) == Settings()
+    assert load_settings(None, {}) == Settings()
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "fiatprint.toml"
+    cfg.write_text(
+        'port = 1111\nhost = "0.0.0.0"\nstale_seconds = 60\n'
+        'history_path = "state/history.sqlite"\n'
+    )
+    env = {"FIATPRINT_PORT": "2222", "FIATPRINT_STALE_SECONDS": "90.5"}
+    s = load_settings(_parse("--config", str(cfg), "--port", "3333"), env)
+    assert s.port == 3333
+    assert s.stale_seconds == 90.5
+    assert s.host == "0.0.0.0"
+    # relative paths in the file are relative to the file
+    assert s.history_path == tmp_path / "state" / "history.sqlite"
+    s = load_settings(_parse("--config", str(cfg)), env)
+    assert s.port == 2222
+    s = load_settings(_parse("--config", str(cfg)), {})
+    assert s.port == 1111
+    assert s.stale_seconds == 60.0
+    assert isinstance(s.stale_seconds, float)
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('network = "signet"\n')
+    s = load_settings(_parse(), {"FIATPRINT_CONFIG": str(cfg)})
+    assert s.network == "signet"
+    other = tmp_path / "b.toml"
+    other.write_text('network = "regtest"\n')
+    s = load_settings(_parse("--config", str(other)), {"FIATPRINT_CONFIG": str(cfg)})
+    assert s.network == "regtest"
+
+
+def test_empty_value_unsets_optional_setting(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('zmq_hashblock = "tcp://127.0.0.1:28334"\n')
+    args = _parse("--config", str(cfg))
+    assert load_settings(args, {}).zmq_hashblock == "tcp://127.0.0.1:28334"
+    assert load_settings(args, {"FIATPRINT_ZMQ_HASHBLOCK": ""}).zmq_hashblock is None
+
+
+def test_bad_port_names_setting_value_and_source(tmp_path: Path) -> None:
+    assert (
+        _error(_parse(), {"FIATPRINT_PORT": "70000"})
+        == "port: 70000 is not a port (from FIATPRINT_PORT)"
+    )
+    assert _error(_parse("--port", "-1"), {}) == "port: -1 is not a port (from --port)"
+    assert (
+        _error(_parse("--port", "eighty"), {})
+        == "port: 'eighty' is not an integer (from --port)"
+    )
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('port = "8080"\n')
+    assert (
+        _error(_parse("--config", str(cfg)), {})
+        == f"port: '8080' is not an integer (from {cfg})"
+    )
+
+
+def test_a_bad_value_overridden_by_a_flag_is_not_an_error() -> None:
+    s = load_settings(_parse("--port", "9000"), {"FIATPRINT_PORT": "x"})
+    assert s.port == 9000
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    env = {
+        "FIATPRINT_STALE_SECONDS": "0",
+        "FIATPRINT_ZMQ_RAWTX": "localhost:28332",
+        "FIATPRINT_LOG_FORMAT": "xml",
+    }
+    assert _error(_parse("--network", "mainnet", "--rpc-url", "127.0.0.1"), env) == (
+        "zmq_rawtx: 'localhost:28332' is not a ZMQ endpoint "
+        "(want tcp://HOST:PORT or ipc://PATH) (from FIATPRINT_ZMQ_RAWTX)\n"
+        "stale_seconds: 0.0 is not a positive number of seconds "
+        "(from FIATPRINT_STALE_SECONDS)\n"
+        "network: 'mainnet' is not one of main, test, testnet4, signet, regtest "
+        "(from --network)\n"
+        "rpc_url: '127.0.0.1' is not an http:// or https:// URL (from --rpc-url)\n"
+        "log_format: 'xml' is not one of text, json (from FIATPRINT_LOG_FORMAT)"
+    )
+
+
+def test_log_level_is_case_insensitive() -> None:
+    assert load_settings(_parse("--log-level", "debug"), {}).log_level == "debug"
+    assert _error(_parse("--log-level", "loud"), {}) == (
+        "log_level: 'loud' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL "
+        "(from --log-level)"
+    )
+
+
+def test_unknown_toml_key_is_an_error_naming_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "u.toml"
+    cfg.write_text("prot = 8080\ncolour = 1\n")
+    assert _error(_parse("--config", str(cfg)), {}) == (
+        f"prot: unknown setting in {cfg} (did you mean port?)\n"
+        f"colour: unknown setting in {cfg}"
+    )
+
+
+def test_missing_and_invalid_config_files(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    assert (
+        _error(_parse("--config", str(missing)), {})
+        == f"config: {missing}: no such file (from --config)"
+    )
+    assert (
+        _error(_parse(), {"FIATPRINT_CONFIG": str(missing)})
+        == f"config: {missing}: no such file (from FIATPRINT_CONFIG)"
+    )
+    broken = tmp_path / "broken.toml"
+    broken.write_text("port = \n")
+    assert _error(_parse("--config", str(broken)), {}) == (
+        f"config: {broken}: not valid TOML: Invalid value (at line 1, column 8)"
+    )
+
+
+def test_rpc_user_needs_password_and_password_is_never_shown() -> None:
+    assert _error(_parse("--rpc-user", "alice"), {}) == (
+        "rpc_password: must be set when rpc_user is (from --rpc-user)"
+    )
+    s = load_settings(
+        _parse("--rpc-user", "alice"), {"FIATPRINT_RPC_PASSWORD": "s3cret"}
+    )
+    assert s.rpc_password == "s3cret"
+    assert "s3cret" not in repr(s)
+    assert _error(_parse("--rpc-password", " "), {}) == (
+        "rpc_password: must not be empty (from --rpc-password)"
+    )
+
+
+def test_paths_and_floats_from_text(tmp_path: Path) -> None:
+    s = load_settings(
+        _parse("--history-path", str(tmp_path / "h.sqlite")),
+        {"FIATPRINT_WINDOW_SECONDS": "3600", "FIATPRINT_RPC_COOKIE": "~/c"},
+    )
+    assert s.history_path == tmp_path / "h.sqlite"
+    assert s.window_seconds == 3600.0
+    assert s.rpc_cookie == Path("~/c").expanduser()
+
+
+def test_a_field_added_later_is_picked_up_generically(monkeypatch) -> None:
+    """A field added to Settings with a type and a default gets a TOML key,
+    an environment variable and a flag, with no change to the loader."""
+    import attrs
+
+    from oracle import config
+
+    @attrs.frozen
+    class Extended(Settings):
+        dry_run: bool = False
+        max_clients: int = 100
+        ratio: float | None = None
+
+    monkeypatch.setattr(config, "Settings", Extended)
+    args = _parse("--no-dry-run", "--max-clients", "7")
+    s = load_settings(args, {"FIATPRINT_DRY_RUN": "yes", "FIATPRINT_RATIO": "0.5"})
+    assert (s.dry_run, s.max_clients, s.ratio) == (False, 7, 0.5)
+    s = load_settings(_parse(), {"FIATPRINT_DRY_RUN": "on"})
+    assert (s.dry_run, s.max_clients, s.ratio) == (True, 100, None)
+    assert _error(_parse(), {"FIATPRINT_DRY_RUN": "maybe"}) == (
+        "dry_run: 'maybe' is not true or false (from FIATPRINT_DRY_RUN)"
+    )
+
+
+def test_direct_construction_runs_validators() -> None:
+    with pytest.raises(ValueError, match="70000 is not a port"):
+        Settings(port=70000)
