@@ -239,20 +239,32 @@ def create_app(
     async def ws() -> None:
         await websocket.accept()
         peer = _peer()
+        bad: list[_BadClient] = []
         with fanout.subscribe() as sub:
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_read_client, sub, nursery.cancel_scope)
-                    await _send_frames(sub, peer)
-                    nursery.cancel_scope.cancel()
-            except _BadClient as e:
-                if metrics is not None:
-                    metrics.bad_client_messages.inc()
-                bad_log.warning("ws_bad_client", reason=e.reason, peer=peer)
-                with trio.move_on_after(1.0):
-                    await websocket.close(e.code, e.reason)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_read_client, sub, nursery.cancel_scope, bad)
+                await _send_frames(sub, peer)
+                nursery.cancel_scope.cancel()
+        if bad:
+            e = bad[0]
+            if metrics is not None:
+                metrics.bad_client_messages.inc()
+            bad_log.warning("ws_bad_client", reason=e.reason, peer=peer)
+            with trio.move_on_after(1.0):
+                await websocket.close(e.code, e.reason)
 
-    async def _read_client(sub: Any, scope: trio.CancelScope) -> None:
+    async def _read_client(
+        sub: Any, scope: trio.CancelScope, bad: list[_BadClient]
+    ) -> None:
+        """Drain client messages until one breaks the rules; then record why
+        in ``bad`` and cancel ``scope`` (the connection's tasks)."""
+        try:
+            await _check_client_messages(sub)
+        except _BadClient as e:
+            bad.append(e)
+            scope.cancel()
+
+    async def _check_client_messages(sub: Any) -> None:
         tokens = float(CLIENT_BURST)
         last = trio.current_time()
         while True:
