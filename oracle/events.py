@@ -17,6 +17,7 @@ import attrs
 
 from .decode import Block, Tx
 from .estimate import Estimate
+from .filter import Reject
 
 # ---------------------------------------------------------------- intake -> decoder
 
@@ -33,8 +34,9 @@ class RawTx:
 class SequenceEvent:
     """A ``sequence`` notification: label is one of ``C D A R``.
 
-    ``hash`` is in internal byte order (as published, byte-reversed from
-    display order). ``mempool_seq`` is set for ``A`` and ``R``.
+    ``hash`` is in internal byte order: Core publishes it in display order
+    (as RPC shows it) and the intake reverses it. ``mempool_seq`` is set for
+    ``A`` and ``R``.
     """
 
     hash: bytes
@@ -45,6 +47,9 @@ class SequenceEvent:
 
 @attrs.frozen
 class HashBlock:
+    """A ``hashblock`` notification (published in display order, reversed by
+    the intake)."""
+
     hash: bytes  # internal byte order
     received: float
 
@@ -60,6 +65,8 @@ class FeedTrouble:
     topic: str
     detail: str
     received: float
+    #: Messages the publisher dropped (``kind="gap"``), else 0.
+    lost: int = 0
 
 
 FeedMessage = RawTx | SequenceEvent | HashBlock | FeedTrouble
@@ -69,9 +76,33 @@ FeedMessage = RawTx | SequenceEvent | HashBlock | FeedTrouble
 
 @attrs.frozen
 class TxSeen:
-    """A decoded transaction from the feed (mempool arrival or block repeat)."""
+    """A decoded transaction from the feed (mempool arrival or block repeat).
+
+    The decoder applies the method's rules that need no window state:
+    ``reject`` is the first of them the transaction breaks (never
+    ``Reject.SAME_WINDOW``, which only the window can judge) and ``kept`` the
+    ``(vout, sats)`` of its outputs within the amount bounds when it broke
+    none. With ``checked=False`` (a hand-made event) the window judges the
+    transaction itself.
+    """
 
     tx: Tx
+    received: float
+    reject: Reject | None = None
+    kept: tuple[tuple[int, int], ...] = ()
+    checked: bool = False
+
+
+@attrs.frozen
+class TxAnnounced:
+    """``sequence A``: the node accepted ``txid`` into its mempool.
+
+    Lets the window tell a mempool transaction from one it first sees in a
+    block announcement.
+    """
+
+    txid: bytes  # internal byte order
+    mempool_seq: int | None
     received: float
 
 
@@ -101,7 +132,9 @@ class BlockConnected:
 
 @attrs.frozen
 class BlockDisconnected:
-    hash: bytes
+    """A block left the best chain; its transactions return to the mempool."""
+
+    hash: bytes  # internal byte order
     received: float
 
 
@@ -113,7 +146,15 @@ class Resync:
     received: float
 
 
-WindowEvent = TxSeen | TxRemoved | BlockConnected | BlockDisconnected | Resync | FeedTrouble
+WindowEvent = (
+    TxSeen
+    | TxAnnounced
+    | TxRemoved
+    | BlockConnected
+    | BlockDisconnected
+    | Resync
+    | FeedTrouble
+)
 
 # ---------------------------------------------------------------- window -> fan-out
 
