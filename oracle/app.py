@@ -20,9 +20,12 @@ Routes (all relative, so the app works under a path prefix behind a proxy):
     503 when its ``status`` is ``"down"`` or ``"error"``.
 ``/metrics``
     Prometheus text (404 when the app has no metrics).
-``/api/v1/history?from=&to=``
-    Stored estimates between two Unix times (404 with a JSON error when
-    history is disabled, 400 for bad parameters).
+``/api/v1/history?from=&to=&limit=``
+    Stored estimates between two Unix times, oldest first (``to`` defaults
+    to now, ``from`` to a day earlier; when more rows match than ``limit``,
+    the history's default of 1000, the newest are returned). 404 with a JSON
+    error when history is disabled, 400 for bad parameters, 503 when the
+    database cannot be read.
 
 Hypercorn itself refuses WebSocket messages over
 :data:`HYPERCORN_MAX_MESSAGE` bytes before the app sees them; those close the
@@ -74,9 +77,9 @@ SEND_TIMEOUT: Final = 30.0
 #: Client message rate: a burst of this many, refilled at this many per second.
 CLIENT_BURST: Final = 20
 CLIENT_RATE: Final = 5.0
-#: Longest span one history query may ask for, in seconds.
-MAX_HISTORY_SPAN: Final = 366 * 86400.0
 DEFAULT_HISTORY_SPAN: Final = 86400.0
+#: Largest ``limit`` a history query may ask for (the history's own bound).
+MAX_HISTORY_LIMIT: Final = 10_000
 
 _CSP: Final = (
     "default-src 'self'; script-src 'self'; style-src 'self'; "
@@ -144,15 +147,18 @@ def create_app(
       health: returns the service's component status; called per ``/health``
         request and must not block. An exception from it gives a 503.
       metrics: served on ``/metrics``; ``bad_client_messages`` is counted here.
-      history: an object with ``query(start, end)`` returning rows (dicts,
-        attrs instances or tuples) between two Unix times, possibly as a
-        coroutine; None disables ``/api/v1/history``.
+      history: an :class:`oracle.history.History`, or any object with
+        ``query(start, end[, limit])`` returning rows (dicts, attrs instances
+        or tuples) between two Unix times, possibly as a coroutine; it may
+        raise ``ValueError`` (answered 400) or anything else (answered 503).
+        None disables ``/api/v1/history``.
 
     The app only reads from ``fanout``; it never publishes to it.
     """
     web_dir = Path(settings.web_dir)
     app = QuartTrio(__name__, static_folder=str(web_dir), static_url_path="/static")
     slow_log = RateLimitedLog(log, key_fields=())
+    history_log = RateLimitedLog(log, key_fields=())
     bad_log = RateLimitedLog(log, key_fields=("reason",))
 
     @app.after_request
@@ -221,11 +227,26 @@ def create_app(
             return _error(400, str(e))
         if start > end:
             return _error(400, "from must not be after to")
-        if end - start > MAX_HISTORY_SPAN:
-            return _error(400, f"span must not exceed {MAX_HISTORY_SPAN:.0f} seconds")
-        rows = history.query(start, end)
-        if inspect.isawaitable(rows):
-            rows = await rows
+        raw_limit = request.args.get("limit")
+        args: tuple[Any, ...] = (start, end)
+        if raw_limit:
+            try:
+                limit = int(raw_limit)
+            except ValueError:
+                return _error(400, "limit must be an integer")
+            if not 1 <= limit <= MAX_HISTORY_LIMIT:
+                return _error(400, f"limit must be 1 to {MAX_HISTORY_LIMIT}")
+            args += (limit,)
+        try:
+            rows = history.query(*args)
+            if inspect.isawaitable(rows):
+                rows = await rows
+        except ValueError as e:
+            return _error(400, str(e))
+        except Exception:
+            history_log.warning("history_query_failed", start=start, end=end)
+            log.debug("history_query_failed", exc_info=True)
+            return _error(503, "history could not be read")
         return _json(
             {
                 "v": PROTOCOL_VERSION,

@@ -32,6 +32,7 @@ from oracle.app import create_app, serve_http
 from oracle.config import Settings
 from oracle.events import StatusChange
 from oracle.fanout import FanOut
+from oracle.history import History, HistoryRow
 from oracle.metrics import Metrics
 
 SCHEMA = json.loads(
@@ -247,39 +248,35 @@ async def test_metrics_endpoint_counts_clients() -> None:
     assert b"fiatprint_ws_clients 1.0" in body
 
 
-class FakeHistory:
-    """Stands in for ``oracle.history.History``: rows as dicts."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[float, float]] = []
-
-    def query(self, start: float, end: float) -> list[dict[str, float]]:
-        self.calls.append((start, end))
-        rows = [{"time": 100.0, "price": PRICE_702861}, {"time": 200.0, "price": 1.5}]
-        return [r for r in rows if start <= r["time"] <= end]
-
-
-async def test_history_endpoint() -> None:
-    hist = FakeHistory()
-    with trio.fail_after(20):
-        async with running(history=hist) as server:
-            ok = await http_get(server.url + "/api/v1/history?from=50&to=150")
-            swapped = await http_get(server.url + "/api/v1/history?from=150&to=50")
-            junk = await http_get(server.url + "/api/v1/history?from=abc")
-            nan = await http_get(server.url + "/api/v1/history?to=nan")
-        async with running() as server:
-            off = await http_get(server.url + "/api/v1/history")
+async def test_history_endpoint_reads_real_sqlite(tmp_path: Path) -> None:
+    update, _, _ = block_updates()
+    history = await History.open(tmp_path / "history.sqlite")
+    with history:
+        for t in (100.0, 200.0, 300.0):
+            row = HistoryRow.from_update(estimate_at(update, t))
+            assert row is not None
+            await history.append(row)
+        with trio.fail_after(20):
+            async with running(history=history) as server:
+                ok = await http_get(server.url + "/api/v1/history?from=150&to=400")
+                last = await http_get(server.url + "/api/v1/history?from=0&limit=1")
+                swapped = await http_get(server.url + "/api/v1/history?from=9&to=5")
+                junk = await http_get(server.url + "/api/v1/history?from=abc")
+                nan = await http_get(server.url + "/api/v1/history?to=nan")
+                big = await http_get(server.url + "/api/v1/history?limit=99999")
+            async with running() as server:
+                off = await http_get(server.url + "/api/v1/history")
     assert ok[0] == 200
-    assert json.loads(ok[2]) == {
-        "v": 1,
-        "from": 50.0,
-        "to": 150.0,
-        "rows": [{"time": 100.0, "price": PRICE_702861}],
-    }
-    assert hist.calls == [(50.0, 150.0)]
+    body = json.loads(ok[2])
+    assert (body["v"], body["from"], body["to"]) == (1, 150.0, 400.0)
+    assert [r["time"] for r in body["rows"]] == [200.0, 300.0]
+    assert body["rows"][0]["price"] == PRICE_702861
+    assert body["rows"][0]["rough_price"] == 42880
+    assert [r["time"] for r in json.loads(last[2])["rows"]] == [300.0]
     assert swapped[0] == 400 and "from" in json.loads(swapped[2])["error"]
     assert junk[0] == 400 and "Unix time" in json.loads(junk[2])["error"]
     assert nan[0] == 400
+    assert big[0] == 400 and "limit" in json.loads(big[2])["error"]
     assert off[0] == 404 and "disabled" in json.loads(off[2])["error"]
 
 
