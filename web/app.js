@@ -210,8 +210,9 @@
     ctx.strokeStyle = "#1f2a36";
     ctx.lineWidth = 1;
     const step = niceStep((hi - lo) / 6);
+    const hasScale = state.estimate !== null || state.price.length > 0;
     ctx.beginPath();
-    for (let v = Math.ceil(lo / step) * step; v <= hi; v += step) {
+    for (let v = Math.ceil(lo / step) * step; hasScale && v <= hi; v += step) {
       const y = Math.round(yOf(v)) + 0.5;
       ctx.moveTo(padL, y); ctx.lineTo(w - padR, y);
       ctx.textAlign = "right";

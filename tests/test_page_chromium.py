@@ -1,0 +1,274 @@
+"""The page in headless Chromium, driven over the DevTools protocol.
+
+A server process (this file run as a script: the web app fed from real block
+702861, split into a confirmed and a mempool half) serves the page on
+127.0.0.1. Chromium loads it; the test reads the price text, counts cyan and
+orange pixels on the canvas, kills the server with SIGKILL, restarts it on
+the same port and waits for the page to reconnect by itself.
+
+Skipped, with a message, only when no Chromium binary is installed.
+Set ``FIATPRINT_SCREENSHOT=path.png`` to keep a screenshot of the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = next(
+    (
+        p
+        for p in (
+            os.environ.get("CHROMIUM"),
+            "/usr/bin/chromium",
+            shutil.which("chromium"),
+            shutil.which("chromium-browser"),
+            shutil.which("google-chrome"),
+        )
+        if p and os.path.exists(p)
+    ),
+    None,
+)
+PRICE_TEXT = "$42,952"  # block 702861: 42951.63645734903
+
+
+def demo_updates(now: float) -> list[Any]:
+    """What the server publishes: status, the block, its points (first half
+    confirmed at the block, second half as if still in the mempool over the
+    last ten minutes) and the block's estimate."""
+    import attrs
+    from test_fanout import block_updates, estimate_at
+
+    from oracle.events import PointsBatch, StatusChange
+
+    update, points, event = block_updates()
+    pts = points.points
+    half = len(pts) // 2
+    confirmed = tuple(attrs.evolve(p, time=now - 700) for p in pts[:half])
+    mempool = tuple(
+        attrs.evolve(p, confirmed=False, time=now - 600 + 600 * i / (len(pts) - half))
+        for i, p in enumerate(pts[half:])
+    )
+    return [
+        StatusChange("zmq", "ok", "rawtx and sequence flowing", now),
+        StatusChange("node", "synced", "height 702861", now),
+        attrs.evolve(event, time=now - 700),
+        PointsBatch(confirmed),
+        PointsBatch(mempool),
+        estimate_at(update, now - 2),
+    ]
+
+
+async def _serve(port: int) -> None:
+    from oracle.app import create_app, serve_http
+    from oracle.config import Settings
+    from oracle.fanout import FanOut
+    from oracle.metrics import Metrics
+
+    fan = FanOut(metrics=Metrics())
+    for u in demo_updates(time.time()):
+        fan.publish(u)
+    settings = Settings(host="127.0.0.1", port=port)
+    app = create_app(
+        fan, settings=settings, health=lambda: {"status": "ok"}, metrics=fan.metrics
+    )
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(serve_http, app, settings)
+        print("URL", urls[0], flush=True)
+
+
+async def start_server(port: int) -> tuple[trio.Process, str]:
+    """Run this file as the server on ``port`` (0: any); return it and its
+    URL once it listens."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, __file__, str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.stdout is not None
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = await proc.stdout.receive_some(1)
+        assert chunk, "server exited before listening"
+        line += chunk
+    url = line.decode().split()[1]
+    return proc, url
+
+
+class Cdp:
+    """A minimal Chrome DevTools Protocol client over one WebSocket."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.next_id = 0
+
+    async def call(self, method: str, session: str | None = None, **params: Any) -> Any:
+        self.next_id += 1
+        msg: dict[str, Any] = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        await self.ws.send_message(json.dumps(msg))
+        while True:
+            reply = json.loads(await self.ws.get_message())
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    async def evaluate(self, session: str, expression: str) -> Any:
+        result = await self.call(
+            "Runtime.evaluate",
+            session,
+            expression=expression,
+            returnByValue=True,
+            awaitPromise=True,
+        )
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page error: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, session: str, expression: str) -> Any:
+        """Poll ``expression`` until it is truthy; the caller's timeout bounds
+        the wait."""
+        while True:
+            value = await self.evaluate(session, expression)
+            if value:
+                return value
+            await trio.sleep(0.05)
+
+
+COUNT_PIXELS = """(() => {
+  const c = document.getElementById('cloud');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let cyan = 0, orange = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    const r = d[i], g = d[i + 1], b = d[i + 2], a = d[i + 3];
+    if (a < 128) continue;
+    if (r < 80 && g > 170 && b > 190) cyan++;
+    else if (r > 220 && g > 120 && g < 175 && b < 100) orange++;
+  }
+  return {cyan, orange, width: c.width, css: c.clientWidth,
+          dpr: window.devicePixelRatio, drawn: window.fiatprint.drawn};
+})()"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+async def test_page_shows_price_draws_clouds_and_reconnects(tmp_path: Path) -> None:
+    from test_fanout import block_updates
+
+    update, points, _ = block_updates()
+    lo, hi = update.estimate.band
+    in_band = sum(1 for p in points.points if lo <= p.price <= hi)
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    with trio.fail_after(90):
+        server, url = await start_server(0)
+        port = int(url.rsplit(":", 1)[1])
+        chromium = await trio.lowlevel.open_process(
+            [
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-extensions",
+                "--force-device-scale-factor=2",
+                "--window-size=1280,900",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={profile}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            active = profile / "DevToolsActivePort"
+            while not active.exists() or len(active.read_text().splitlines()) < 2:
+                await trio.sleep(0.05)
+            cdp_port, cdp_path = active.read_text().splitlines()[:2]
+            browser_url = f"ws://127.0.0.1:{cdp_port}{cdp_path}"
+            async with open_websocket_url(browser_url, max_message_size=2**26) as ws:
+                cdp = Cdp(ws)
+                target = await cdp.call("Target.createTarget", url=url + "/")
+                attached = await cdp.call(
+                    "Target.attachToTarget", targetId=target["targetId"], flatten=True
+                )
+                s = attached["sessionId"]
+                price = await cdp.wait_for(
+                    s,
+                    "window.fiatprint && window.fiatprint.connected &&"
+                    " window.fiatprint.drawn > 0 &&"
+                    " document.getElementById('price').textContent",
+                )
+                assert price == PRICE_TEXT
+                assert await cdp.evaluate(
+                    s, "document.getElementById('conn').textContent"
+                )
+                pixels = await cdp.evaluate(s, COUNT_PIXELS)
+                assert pixels["dpr"] == 2
+                assert pixels["width"] == 2 * pixels["css"]  # sharp on HiDPI
+                assert pixels["drawn"] == in_band
+                assert pixels["cyan"] > 500 and pixels["orange"] > 500, pixels
+                shot = await cdp.call("Page.captureScreenshot", s, format="png")
+                keep = os.environ.get("FIATPRINT_SCREENSHOT")
+                png = base64.b64decode(shot["data"])
+                (tmp_path / "page.png").write_bytes(png)
+                if keep:
+                    Path(keep).write_bytes(png)
+
+                server.send_signal(signal.SIGKILL)
+                await server.wait()
+                text = await cdp.wait_for(
+                    s,
+                    "!window.fiatprint.connected &&"
+                    " document.getElementById('conn').textContent",
+                )
+                assert "retrying" in text
+
+                server, url2 = await start_server(port)
+                assert url2 == url
+                await cdp.wait_for(
+                    s, "window.fiatprint.connected && window.fiatprint.snapshots >= 2"
+                )
+                assert (
+                    await cdp.evaluate(
+                        s, "document.getElementById('price').textContent"
+                    )
+                    == PRICE_TEXT
+                )
+                assert (
+                    await cdp.evaluate(s, "document.getElementById('conn').textContent")
+                    == "live"
+                )
+                await cdp.call("Browser.close")
+        finally:
+            for proc in (chromium, server):
+                if proc.returncode is None:
+                    proc.kill()
+                with trio.move_on_after(10):
+                    await proc.wait()
+
+
+if __name__ == "__main__":
+    trio.run(_serve, int(sys.argv[1]))
