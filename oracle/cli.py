@@ -12,6 +12,7 @@ import sys
 
 #: subcommand name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "config": ("oracle.config", "check the settings and print them as TOML"),
     "price": ("oracle.price_cli", "compute the price from blocks or a vector file"),
     "replay": (
         "oracle.replay",

@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import json
 import math
 import os
+import sys
 import tomllib
 import types
 import typing
@@ -46,7 +48,10 @@ __all__ = [
     "env_name",
     "flag_name",
     "format_default",
+    "format_settings",
     "load_settings",
+    "load_settings_with_sources",
+    "run",
     "setting_fields",
 ]
 
@@ -400,6 +405,14 @@ def load_settings(
     args: argparse.Namespace | None = None,
     environ: Mapping[str, str] = os.environ,
 ) -> Settings:
+    """Build :class:`Settings`; see :func:`load_settings_with_sources`."""
+    return load_settings_with_sources(args, environ)[0]
+
+
+def load_settings_with_sources(
+    args: argparse.Namespace | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> tuple[Settings, dict[str, str]]:
     """Build :class:`Settings` from the TOML file, environment and flags.
 
     ``args`` is a namespace from a parser that :func:`add_arguments` filled
@@ -412,6 +425,9 @@ def load_settings(
     Environment variables starting with ``FIATPRINT_`` that name no setting
     are ignored (other tools may share the prefix); unknown keys in the TOML
     file are errors.
+
+    Returns the settings and, for each setting not left at its default,
+    where its value came from (the file's path, ``FIATPRINT_X`` or ``--x``).
 
     Raises:
         ConfigError: naming every bad value (setting, value, what is wrong,
@@ -478,7 +494,7 @@ def load_settings(
         problems.extend(_check_combinations(values, sources))
     if problems:
         raise ConfigError(problems)
-    return Settings(**values)
+    return Settings(**values), sources
 
 
 def _check_combinations(values: dict[str, Any], sources: dict[str, str]) -> list[str]:
@@ -490,3 +506,50 @@ def _check_combinations(values: dict[str, Any], sources: dict[str, str]) -> list
         )  # fmt: skip
         return [f"{missing}: must be set when {given} is (from {sources[given]})"]
     return []
+
+
+# ---------------------------------------------------------------- fiatprint config
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def format_settings(settings: Settings, sources: Mapping[str, str]) -> str:
+    """``settings`` as a TOML file, each line commented with its source.
+
+    Unset settings are commented out; the RPC password is shown as
+    ``(hidden)``. The result loads back to the same settings (password and
+    unset values aside).
+    """
+    lines = []
+    for field in setting_fields():
+        value = getattr(settings, field.name)
+        source = sources.get(field.name, "default")
+        if value is None:
+            lines.append(f"# {field.name} = (unset)  # {source}")
+        elif field.name in _SECRET:
+            lines.append(f"# {field.name} = (hidden)  # {source}")
+        else:
+            lines.append(f"{field.name} = {_toml_value(value)}  # {source}")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fiatprint config``: check the settings and print them as TOML.
+
+    Exit status 0 when they load, 2 (with one ``fiatprint: ...`` line per
+    problem on stderr) when they do not.
+    """
+    try:
+        settings, sources = load_settings_with_sources(args)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"fiatprint: {problem}", file=sys.stderr)
+        return 2
+    sys.stdout.write(format_settings(settings, sources))
+    return 0

@@ -198,3 +198,47 @@ def test_a_field_added_later_is_picked_up_generically(monkeypatch) -> None:
 def test_direct_construction_runs_validators() -> None:
     with pytest.raises(ValueError, match="70000 is not a port"):
         Settings(port=70000)
+
+
+def test_the_example_deploy_file_loads() -> None:
+    cfg = Path(__file__).resolve().parent.parent / "deploy" / "fiatprint.toml"
+    s = load_settings(_parse("--config", str(cfg)), {})
+    assert s.history_path == Path("/var/lib/fiatprint/history.sqlite")
+    assert s.rpc_cookie == Path("/var/lib/bitcoind/.cookie")
+    assert (s.zmq_rawtx, s.zmq_sequence, s.zmq_hashblock) == (
+        "tcp://127.0.0.1:28332",
+        "tcp://127.0.0.1:28333",
+        "tcp://127.0.0.1:28334",
+    )
+    assert (s.host, s.port, s.network) == ("127.0.0.1", 8080, "main")
+
+
+def test_fiatprint_config_prints_settings_with_sources(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from oracle.cli import main
+
+    cfg = tmp_path / "f.toml"
+    cfg.write_text('port = 9000\nrpc_user = "alice"\nrpc_password = "s3cret"\n')
+    monkeypatch.setenv("FIATPRINT_STALE_SECONDS", "30")
+    assert main(["config", "--config", str(cfg), "--log-format", "json"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out
+    lines = out.splitlines()
+    assert f"port = 9000  # {cfg}" in lines
+    assert "stale_seconds = 30.0  # FIATPRINT_STALE_SECONDS" in lines
+    assert 'log_format = "json"  # --log-format' in lines
+    assert 'host = "127.0.0.1"  # default' in lines
+    assert "# rpc_password = (hidden)  # " + str(cfg) in lines
+    assert "# zmq_hashblock = (unset)  # default" in lines
+
+
+def test_fiatprint_config_exits_2_naming_every_problem(monkeypatch, capsys) -> None:
+    from oracle.cli import main
+
+    monkeypatch.setenv("FIATPRINT_PORT", "70000")
+    assert main(["config", "--host", ""]) == 2
+    assert capsys.readouterr().err == (
+        "fiatprint: host: must not be empty (from --host)\n"
+        "fiatprint: port: 70000 is not a port (from FIATPRINT_PORT)\n"
+    )
