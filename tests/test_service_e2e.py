@@ -1,0 +1,184 @@
+"""End to end: a real block over real ZMQ into the whole service.
+
+Block 702861 is announced the way Core announces it (every transaction into
+the mempool with ``rawtx`` + ``sequence A``, then the block: ``rawtx`` of all
+its transactions, ``sequence C``), by the replay publisher, on 127.0.0.1
+ephemeral ports. The service runs as ``fiatprint serve`` runs it (hypercorn
+on port 0); trio-websocket clients and a plain HTTP client read it. The
+price must be the method's answer for the block, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+from trio_websocket import open_websocket_url
+
+from oracle import cli
+from oracle.config import Settings
+from oracle.decode import parse_block
+from oracle.estimate import estimate
+from oracle.filter import TxFilter
+from oracle.replay import CorePublisher
+from oracle.service import ServiceInfo, run_service
+
+BLOCKS = Path(__file__).parent / "data" / "blocks"
+PRICE_702861 = 42951.63645734903
+ROUGH_702861 = 42880
+OUTPUTS_702861 = 3315
+
+
+def _path(height: int) -> Path:
+    (path,) = BLOCKS.glob(f"{height}-*.bin")
+    return path
+
+
+def _method_answer(path: Path) -> tuple[float | None, int | None, int]:
+    """The price computed by ``oracle.estimate`` directly on the file."""
+    f = TxFilter()
+    amounts = []
+    for tx in parse_block(path.read_bytes()).txs:
+        kept = f.offer(tx)
+        if kept:
+            amounts.extend(s / 1e8 for _, s in kept)
+    est = estimate(np.array(amounts))
+    return est.price, est.rough_price, len(amounts)
+
+
+def _http_get_json(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def _until_estimate(
+    ws: Any, *, outputs: int, confirmed: int
+) -> tuple[dict[str, Any], list[str]]:
+    """Read frames until an estimate covering ``outputs`` (``confirmed`` of
+    them confirmed) arrives; return it and the frame types seen."""
+    kinds: list[str] = []
+    while True:
+        frame = json.loads(await ws.get_message())
+        kinds.append(frame["type"])
+        est = frame.get("estimate") if frame["type"] == "snapshot" else frame
+        if (
+            frame["type"] in ("snapshot", "estimate")
+            and est is not None
+            and est["window_outputs"] == outputs
+            and est["confirmed_outputs"] == confirmed
+        ):
+            return est, kinds
+
+
+async def test_replayed_block_gives_the_exact_price_to_websocket_and_rest() -> None:
+    path = _path(702861)
+    block = parse_block(path.read_bytes())
+    price, rough, outputs = _method_answer(path)
+    assert (price, rough, outputs) == (PRICE_702861, ROUGH_702861, OUTPUTS_702861)
+
+    ep = "tcp://127.0.0.1:0"
+    # hwm=0: unlimited, so a publisher faster than the subscriber loses
+    # nothing and the test is about the pipeline, not about ZMQ's drops.
+    with (
+        CorePublisher.open({"rawtx": ep, "sequence": ep}, hwm=0) as pub,
+        trio.fail_after(60),
+    ):
+        settings = Settings(
+            zmq_rawtx=pub.bound["rawtx"],
+            zmq_sequence=pub.bound["sequence"],
+            port=0,
+            window_seconds=3 * 3600.0,
+            estimate_interval=0.05,
+        )
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(
+                lambda task_status: run_service(settings, task_status=task_status)
+            )
+            assert isinstance(info, ServiceInfo)
+            assert info.url.startswith("http://127.0.0.1:")
+            ws_url = info.url.replace("http://", "ws://") + "/ws"
+            status, body = await trio.to_thread.run_sync(
+                _http_get_json, info.url + "/api/v1/price"
+            )
+            assert (status, body["price"]) == (503, None)
+            results: list[tuple[dict[str, Any], list[str], dict[str, Any], list[str]]]
+            results = []
+
+            async def client(ready: trio.Event) -> None:
+                async with open_websocket_url(ws_url) as ws:
+                    first = json.loads(await ws.get_message())
+                    assert first["type"] == "snapshot"
+                    assert first["estimate"] is None
+                    ready.set()
+                    # Mempool first: the whole block, none of it confirmed.
+                    mempool = await _until_estimate(ws, outputs=outputs, confirmed=0)
+                    # Then the block connects and confirms every output.
+                    mined = await _until_estimate(
+                        ws, outputs=outputs, confirmed=outputs
+                    )
+                    results.append((*mempool, *mined))
+
+            async with trio.open_nursery() as clients:
+                for _ in range(3):
+                    ready = trio.Event()
+                    clients.start_soon(client, ready)
+                    await ready.wait()
+                await pub.wait_subscribed()
+                for seq, tx in enumerate(block.txs[1:]):
+                    pub.publish_mempool_tx(tx.raw, tx.txid, seq)
+                    await trio.sleep(0)
+                # Let the mempool estimate come out before the block.
+                while (
+                    info.service.window is None
+                    or info.service.window.outputs != outputs
+                ):
+                    await trio.sleep(0.01)
+                await trio.sleep(0.2)
+                pub.publish_block_connected(block)
+
+            status, body = await trio.to_thread.run_sync(
+                _http_get_json, info.url + "/api/v1/price"
+            )
+            metrics_text = await trio.to_thread.run_sync(
+                lambda: (
+                    urllib.request.urlopen(info.url + "/metrics", timeout=10)
+                    .read()
+                    .decode()
+                )
+            )
+            nursery.cancel_scope.cancel()
+
+    assert len(results) == 3
+    for mempool, mempool_kinds, mined, mined_kinds in results:
+        for est in (mempool, mined):
+            assert est["price"] == PRICE_702861 == price
+            assert est["rough_price"] == ROUGH_702861
+            assert est["outputs"] == OUTPUTS_702861
+        # Each client got live updates after its snapshot: the estimate,
+        # the price points, then the block and the new estimate.
+        assert mempool_kinds[-1] == "estimate" and "points" in mempool_kinds
+        assert "snapshot" not in mempool_kinds
+        assert "block" in mined_kinds and mined_kinds[-1] == "estimate"
+    assert status == 200
+    assert body["price"] == PRICE_702861
+    assert body["rough_price"] == ROUGH_702861
+    assert body["confirmed_outputs"] == OUTPUTS_702861
+    assert "fiatprint_price_usd 42951.63645734903" in metrics_text
+    assert 'fiatprint_zmq_messages_total{topic="rawtx"} 4999.0' in metrics_text
+    assert 'fiatprint_zmq_messages_total{topic="sequence"} 2500.0' in metrics_text
+
+
+def test_serve_and_demo_subcommands_are_registered() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["demo", "--port", "0", "--rate", "5"])
+    assert (args.port, args.rate) == (0, 5.0)
+    assert [Path(p).name for p in args.blocks] == [_path(818677).name]
+    args = parser.parse_args(["serve", "--port", "0"])
+    assert args.command == "serve"
