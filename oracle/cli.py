@@ -18,6 +18,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "oracle.replay",
         "publish real blocks over ZMQ in Bitcoin Core's format",
     ),
+    "serve": ("oracle.service_cli", "run the price service beside a Bitcoin Core node"),
+    "demo": (
+        "oracle.service_cli",
+        "replay a real block into the service, no node needed",
+    ),
 }
 
 EXIT_OK = 0

@@ -1,0 +1,247 @@
+"""``fiatprint serve`` and ``fiatprint demo``.
+
+``serve`` runs the service from the settings (TOML file, ``FIATPRINT_*``
+environment, flags; see ``docs/configuration.md``), tells systemd when it is
+ready and pings its watchdog while healthy.
+
+``demo`` runs a replay publisher and the service in one process, on loopback
+only, so the page can be tried without a node: real mainnet blocks (by
+default the bundled block 818677) are announced the way Core announces them,
+mempool transactions at ``--rate`` per second, then the block, over and over.
+
+Replaying the same block again re-sends the same txids, and the window counts
+a txid once while it is in the window. So the demo's window is shorter than
+one replay pass (:data:`DEMO_WINDOW_FRACTION` of it): by the time a
+transaction comes round again its previous copy has aged out and been
+forgotten, and it counts as new. The price therefore keeps moving as the
+window slides through the block, and stays close to that block's price.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Final
+
+import trio
+import zmq
+
+from .config import ConfigError, Settings, load_settings
+from .config import add_arguments as add_setting_arguments
+from .decode import DecodeError
+from .history import HistoryError
+from .logging import kv, setup_logging
+from .notify import notify_ready, notify_status, notify_stopping, run_watchdog
+from .replay import load_blocks, run_replay
+from .service import ServiceInfo, run_service
+
+__all__ = [
+    "DEFAULT_DEMO_BLOCKS",
+    "DEMO_WINDOW_FRACTION",
+    "add_arguments",
+    "add_demo_arguments",
+    "demo_window_seconds",
+    "run",
+    "run_demo",
+]
+
+log = logging.getLogger(__name__)
+
+_DATA: Final = Path(__file__).resolve().parent / "data" / "blocks"
+#: The block the demo replays when given none: the one bundled with the package.
+DEFAULT_DEMO_BLOCKS: Final = tuple(sorted(_DATA.glob("818677-*.bin")))
+#: The demo's window, as a fraction of one replay pass.
+DEMO_WINDOW_FRACTION: Final = 0.9
+#: ZMQ send high-water mark of the demo's publisher: a block announcement is a
+#: burst of thousands of messages, which the demo should not lose.
+DEMO_HWM: Final = 100_000
+
+
+# ---------------------------------------------------------------- serve
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``fiatprint serve`` (``--config FILE`` and one per setting) or,
+    for the parser of ``fiatprint demo``, those of the demo.
+
+    Both subcommands live in this module; ``oracle.cli`` registers each with
+    this function, and the parser's ``prog`` (``fiatprint demo``) tells them
+    apart.
+    """
+    if parser.prog.split()[-1] == "demo":
+        add_demo_arguments(parser)
+        parser.set_defaults(_fiatprint_demo=True)
+    else:
+        add_setting_arguments(parser)
+
+
+async def _serve(settings: Settings) -> None:
+    async with trio.open_nursery() as nursery:
+        info: ServiceInfo = await nursery.start(
+            lambda task_status: run_service(settings, task_status=task_status)
+        )
+        for url in info.urls:
+            print(f"fiatprint: serving {url}/", file=sys.stderr, flush=True)
+        notify_ready(f"serving {info.url}")
+        await nursery.start(
+            lambda task_status: run_watchdog(
+                info.service.healthy, task_status=task_status
+            )
+        )
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info(kv("service_stopping", signal=signal.Signals(signum).name))
+                notify_stopping()
+                nursery.cancel_scope.cancel()
+                break
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fiatprint serve`` (or ``demo``); returns the exit status.
+
+    Exit 2 for bad settings (each problem printed), 1 when the service cannot
+    start (address in use, unreadable history file), 0 after SIGTERM/SIGINT.
+    """
+    if getattr(args, "_fiatprint_demo", False):
+        return run_demo_command(args)
+    try:
+        settings = load_settings(args)
+    except ConfigError as exc:
+        print(f"fiatprint serve: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        trio.run(_serve, settings)
+    except (OSError, HistoryError, zmq.ZMQError) as exc:
+        notify_status(f"failed: {exc}")
+        print(f"fiatprint serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``fiatprint demo``."""
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP address")
+    parser.add_argument(
+        "--port", type=int, default=8080, help="HTTP port (0: any free port)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=20.0,
+        help="mempool transactions per second (default 20)",
+    )
+    parser.add_argument(
+        "--blocks",
+        nargs="+",
+        type=Path,
+        default=list(DEFAULT_DEMO_BLOCKS),
+        metavar="FILE",
+        help="raw block files to replay in a loop (default: the bundled block 818677)",
+    )
+    parser.add_argument(
+        "--window-seconds",
+        type=float,
+        default=None,
+        help=f"window length (default: {DEMO_WINDOW_FRACTION:g} of one replay "
+        "pass, so a transaction's previous copy has aged out when it comes "
+        "round again and the price keeps moving)",
+    )
+    parser.add_argument("--log-level", default="INFO")
+
+
+def demo_window_seconds(transactions: int, rate: float) -> float:
+    """The demo's window for a pass of ``transactions`` mempool transactions
+    at ``rate`` per second: :data:`DEMO_WINDOW_FRACTION` of the pass."""
+    return max(1.0, DEMO_WINDOW_FRACTION * transactions / rate)
+
+
+async def run_demo(
+    blocks: list[Path],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    rate: float = 20.0,
+    window_seconds: float | None = None,
+    task_status: trio.TaskStatus[ServiceInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Replay ``blocks`` in a loop into a service; run until cancelled.
+
+    ``task_status.started`` receives the service's :class:`ServiceInfo` once
+    it listens. The publisher and the service talk over ZMQ on 127.0.0.1
+    ephemeral ports.
+
+    Raises:
+      ValueError: ``rate`` is not positive.
+      OSError, oracle.decode.DecodeError: a block file cannot be read.
+    """
+    if not rate > 0:
+        raise ValueError("--rate must be positive")
+    loaded = load_blocks(blocks)
+    mempool_txs = sum(b.block.tx_count - 1 for b in loaded)
+    window = window_seconds or demo_window_seconds(mempool_txs, rate)
+    ep = "tcp://127.0.0.1:0"
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(
+            lambda task_status: run_replay(
+                [b.block for b in loaded],
+                endpoints={"rawtx": ep, "sequence": ep},
+                rate=rate,
+                loop=True,
+                hwm=DEMO_HWM,
+                wait_for_subscriber=True,
+                task_status=task_status,
+            )
+        )
+        settings = Settings(
+            zmq_rawtx=bound["rawtx"],
+            zmq_sequence=bound["sequence"],
+            host=host,
+            port=port,
+            window_seconds=window,
+        )
+        log.info(
+            kv(
+                "demo_started",
+                blocks=len(loaded),
+                transactions=mempool_txs,
+                rate=rate,
+                window_seconds=round(window, 1),
+            )
+        )
+        info = await nursery.start(
+            lambda task_status: run_service(settings, task_status=task_status)
+        )
+        task_status.started(info)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """Run ``fiatprint demo``; returns the exit status."""
+    setup_logging(args.log_level)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info: ServiceInfo = await nursery.start(
+                lambda task_status: run_demo(
+                    args.blocks,
+                    host=args.host,
+                    port=args.port,
+                    rate=args.rate,
+                    window_seconds=args.window_seconds,
+                    task_status=task_status,
+                )
+            )
+            print(f"Fiatprint demo: open {info.url}/", flush=True)
+
+    try:
+        trio.run(main)
+    except (OSError, ValueError, DecodeError, zmq.ZMQError) as exc:
+        print(f"fiatprint demo: {exc}", file=sys.stderr)
+        return 1
+    return 0
