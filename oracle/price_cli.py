@@ -2,6 +2,12 @@
 
 Exit status: 0 with a price, 3 when there is not enough data, 2 for bad usage
 or malformed input (with a one-line message naming the file and the problem).
+
+With ``--heights A..B`` or ``--date YYYY-MM-DD`` the blocks come from a node
+over RPC (:mod:`oracle.chain`) and print exactly as the same blocks read from
+files would. A node that cannot answer (down, wrong credentials, another
+network) exits 2 with a message naming the fix; a day that is not complete
+yet, or a range above the tip, exits 3.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import re
 import sys
 from pathlib import Path
 
+from . import chain
 from .chart import write_chart
 from .cli import EXIT_NO_DATA, EXIT_OK, EXIT_USAGE
 from .decode import Block, DecodeError, parse_block
 from .report import PriceReport, price_blocks, price_vector
+from .rpc import RpcError
 
 __all__ = ["add_arguments", "load_block_file", "run"]
 
@@ -47,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE.html",
         help="also write a self-contained page plotting every price point",
     )
+    chain.add_node_arguments(parser)
 
 
 def load_block_file(path: Path) -> tuple[int | None, Block]:
@@ -130,12 +139,23 @@ def run(args: argparse.Namespace) -> int:
         if args.vector:
             if args.files:
                 raise UsageError("give either block files or --vector, not both")
+            if chain.wants_node(args):
+                raise UsageError("give either --vector or --heights/--date")
             report = _load_vector(Path(args.vector))
+        elif chain.wants_node(args):
+            if args.files:
+                raise UsageError("give either block files or --heights/--date")
+            report = chain.report_from_args(args)
         elif args.files:
             report = blocks_report([Path(f) for f in args.files])
         else:
             raise UsageError("nothing to price: give block files or --vector FILE")
-    except UsageError as exc:
+    except (UsageError, ValueError, RpcError) as exc:
+        # ValueError: bad --heights/--date or settings (ConfigError);
+        # RpcError: the node could not answer (the message names the fix).
         print(f"fiatprint price: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except chain.ChainError as exc:
+        print(f"fiatprint price: {exc}", file=sys.stderr)
+        return EXIT_NO_DATA
     return emit(report, args)
