@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -181,3 +182,116 @@ async def test_no_watchdog_configured_returns_at_once(notify_path) -> None:
                 partial(run_watchdog, lambda: True, notifier=Notifier(path), environ={})
             )
     assert _drain(sock) == []
+
+
+# ---------------------------------------------------------------- the real service
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCKS = sorted((ROOT / "tests" / "data" / "blocks").glob("8186*.bin"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _http_status(port: int, path: str) -> bytes:
+    """The status line of ``GET path`` on 127.0.0.1:port."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            .encode()
+        )  # fmt: skip
+        data = b""
+        while b"\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+async def test_fiatprint_serve_under_systemd_notify(tmp_path: Path) -> None:
+    """``fiatprint serve`` as a subprocess with NOTIFY_SOCKET and WATCHDOG_USEC:
+    READY=1 arrives when the HTTP port already answers, then WATCHDOG=1 pings
+    while the replayed feed flows, then none once the feed has stopped and
+    gone stale (the status line says why)."""
+    pytest.importorskip("oracle.service")
+    from oracle.replay import run_replay
+
+    path = tmp_path / "notify"
+    listener = trio.socket.from_stdlib_socket(_listener(str(path)))
+    port = _free_port()
+    messages: list[bytes] = []
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            feed_scope = trio.CancelScope()
+
+            async def feed(task_status: trio.TaskStatus[dict[str, str]]) -> None:
+                with feed_scope:
+                    await run_replay(
+                        BLOCKS,
+                        endpoints={
+                            "rawtx": "tcp://127.0.0.1:0",
+                            "sequence": "tcp://127.0.0.1:0",
+                        },
+                        rate=500.0,
+                        loop=True,
+                        task_status=task_status,
+                    )
+
+            eps = await nursery.start(feed)
+            env = dict(
+                os.environ,
+                PYTHONPATH=str(ROOT),
+                NOTIFY_SOCKET=str(path),
+                WATCHDOG_USEC="1000000",
+                FIATPRINT_PORT=str(port),
+                FIATPRINT_ZMQ_RAWTX=eps["rawtx"],
+                FIATPRINT_ZMQ_SEQUENCE=eps["sequence"],
+                FIATPRINT_STALE_SECONDS="2",
+            )
+            for name in ("FIATPRINT_CONFIG", "FIATPRINT_RPC_URL", "WATCHDOG_PID"):
+                env.pop(name, None)
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "oracle.cli", "serve"], env=env
+            )
+            try:
+                # READY=1 first, and by then the HTTP port answers
+                first = await listener.recv(4096)
+                assert first.split(b"\n")[0] == b"READY=1", first
+                assert await _http_status(port, "/health") in (
+                    b"HTTP/1.1 200 ",
+                    b"HTTP/1.1 200 OK",
+                    b"HTTP/1.1 503 ",
+                    b"HTTP/1.1 503 SERVICE UNAVAILABLE",
+                )
+                # pings while the feed flows
+                pings = 0
+                while pings < 3:
+                    msg = await listener.recv(4096)
+                    messages.append(msg)
+                    pings += msg == b"WATCHDOG=1"
+                # stop the feed: after stale_seconds the pings stop
+                feed_scope.cancel()
+                while True:
+                    msg = await listener.recv(4096)
+                    messages.append(msg)
+                    if msg.startswith(b"STATUS=feed unhealthy"):
+                        break
+                # four ping intervals of silence from the watchdog
+                with trio.move_on_after(2.0):
+                    while True:
+                        msg = await listener.recv(4096)
+                        messages.append(msg)
+                        assert msg != b"WATCHDOG=1", messages
+            finally:
+                proc.terminate()
+                with trio.move_on_after(10):
+                    await proc.wait()
+                proc.kill()
+                await proc.wait()
+    listener.close()
+    assert messages.count(b"STATUS=" + UNHEALTHY_STATUS.encode()) == 1
