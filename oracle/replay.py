@@ -40,7 +40,8 @@ import attrs
 import trio
 import zmq
 
-from .decode import Block, parse_block
+from .decode import Block, DecodeError, parse_block
+from .logging import kv, setup_logging
 
 __all__ = [
     "TOPICS",
@@ -269,7 +270,13 @@ def load_blocks(paths: Iterable[Path | str]) -> list[ReplayBlock]:
     out = []
     for path in paths:
         p = Path(path)
-        out.append(ReplayBlock(parse_block(p.read_bytes()), p.name))
+        try:
+            block = parse_block(p.read_bytes())
+        except DecodeError as exc:
+            raise DecodeError(
+                f"{p}: not a valid block: {exc.what}", exc.offset
+            ) from None
+        out.append(ReplayBlock(block, p.name))
     return out
 
 
@@ -317,11 +324,7 @@ async def run_replay(
         else:
             decoded.append(load_blocks([item])[0].block)
     with CorePublisher.open(endpoints, hwm=hwm) as pub:
-        logger.info(
-            "replay_bound %s blocks=%d",
-            " ".join(f"{t}={e}" for t, e in pub.bound.items()),
-            len(decoded),
-        )
+        logger.info("%s", kv("replay_bound", **pub.bound, blocks=len(decoded)))
         task_status.started(dict(pub.bound))
         if wait_for_subscriber:
             await pub.wait_subscribed()
@@ -346,7 +349,8 @@ async def run_replay(
                 # removed because it was mined, though no R is published.
                 mempool_seq += sum(1 for tx in block.txs if not tx.is_coinbase)
                 logger.info(
-                    "replay_block hash=%s txs=%d", block.hash_hex, block.tx_count
+                    "%s",
+                    kv("replay_block", hash=block.hash_hex, txs=block.tx_count),
                 )
                 if block_pause:
                     await trio.sleep(block_pause)
@@ -355,7 +359,7 @@ async def run_replay(
                     await trio.lowlevel.checkpoint()
             rounds += 1
             if not loop or not decoded:
-                logger.info("replay_done rounds=%d dropped=%d", rounds, pub.dropped)
+                logger.info("%s", kv("replay_done", rounds=rounds, dropped=pub.dropped))
                 return
             next_at = max(next_at, trio.current_time())
 
@@ -392,10 +396,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``fiatprint replay``; returns the exit status."""
+    """Run ``fiatprint replay``; returns the exit status.
+
+    2 for bad flags or a block file that cannot be read or decoded, 1 when an
+    endpoint cannot be bound, 0 after ``--once`` completes.
+    """
     if args.rate < 0:
         print("fiatprint replay: --rate must be >= 0", file=sys.stderr)
         return 2
+    try:
+        blocks = [rb.block for rb in load_blocks(args.blocks)]
+    except (OSError, DecodeError) as exc:
+        print(f"fiatprint replay: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("INFO")
     endpoints = {
         "rawtx": args.rawtx,
         "sequence": args.sequence,
@@ -406,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(
                 lambda task_status: run_replay(
-                    args.blocks,
+                    blocks,
                     endpoints=endpoints,
                     rate=args.rate,
                     loop=not args.once,
@@ -421,6 +435,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except (OSError, ValueError, zmq.ZMQError) as exc:
-        print(f"fiatprint replay: {exc}", file=sys.stderr)
+        print(f"fiatprint replay: cannot publish: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -155,3 +155,37 @@ def test_replay_subcommand_is_registered() -> None:
     assert args.rate == 5.0
     assert args.blocks == [BLOCK_553724]
     assert args.hashblock is None
+
+
+def test_replay_subcommand_runs_once_and_exits_0(capsys) -> None:
+    status = cli.main(
+        [
+            "replay",
+            "--blocks",
+            str(BLOCK_553724),
+            "--rate",
+            "0",
+            "--once",
+            "--rawtx",
+            "tcp://127.0.0.1:0",
+            "--sequence",
+            "tcp://127.0.0.1:*",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert status == 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("zmqpub")]
+    assert [ln.split("=")[0] for ln in lines] == ["zmqpubrawtx", "zmqpubsequence"]
+    assert all(ln.split("=")[1].startswith("tcp://127.0.0.1:") for ln in lines)
+
+
+def test_replay_subcommand_rejects_a_bad_block_file(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(BLOCK_553724.read_bytes()[:100])
+    status = cli.main(["replay", "--blocks", str(bad), "--once"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err == (
+        f"fiatprint replay: {bad}: not a valid block: transaction count 4 larger "
+        "than the 19 bytes left at byte 80\n"
+    )
