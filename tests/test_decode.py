@@ -155,8 +155,9 @@ def assert_same_tx(mine: Tx, ref: CTransaction) -> None:
         (i.prev_txid, i.prev_index, i.script_len, i.sequence, i.script)
         for i in mine.inputs
     ] == [
-        (i.prevout.hash, i.prevout.n, len(i.scriptSig), i.nSequence, bytes(i.scriptSig))
+        (i.prevout.hash, i.prevout.n, len(s), i.nSequence, bytes(s))
         for i in ref.vin
+        for s in [i.scriptSig]
     ]
     assert [(o.value, o.script) for o in mine.outputs] == [
         (o.nValue, bytes(o.scriptPubKey)) for o in ref.vout
@@ -165,7 +166,7 @@ def assert_same_tx(mine: Tx, ref: CTransaction) -> None:
         assert mine.witness == ()
     else:
         assert mine.witness == tuple(
-            tuple(len(item) for item in w.scriptWitness.stack) for w in ref.wit.vtxinwit
+            tuple(len(x) for x in w.scriptWitness.stack) for w in ref.wit.vtxinwit
         )
 
 
@@ -386,7 +387,8 @@ def test_count_of_two_to_the_32_is_beyond_consensus_limits() -> None:
     data = LEGACY[:4] + _compact(2**32) + LEGACY[5:]
     with pytest.raises(DecodeError) as info:
         parse_tx(data)
-    assert str(info.value) == "input count 4294967296 beyond consensus limits at byte 4"
+    message = "input count 4294967296 beyond consensus limits at byte 4"
+    assert str(info.value) == message
     assert info.value.what == "input count 4294967296 beyond consensus limits"
     assert info.value.offset == 4
 
@@ -470,7 +472,8 @@ def test_block_errors() -> None:
     )
     with pytest.raises(DecodeError) as info:
         parse_block(bytes(MAX_BLOCK_BYTES + 1))
-    assert str(info.value) == "block of 4000001 bytes beyond consensus limits at byte 0"
+    message = "block of 4000001 bytes beyond consensus limits at byte 0"
+    assert str(info.value) == message
 
 
 def test_decode_error_is_a_value_error_with_fields() -> None:

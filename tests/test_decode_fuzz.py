@@ -355,7 +355,11 @@ def test_built_transactions_decode_to_their_fields(case: tuple[bytes, dict]) -> 
     assert (tx.txid, tx.wtxid, tx.raw) == (fields["txid"], fields["wtxid"], raw)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     st.lists(transactions(min_outputs=1), min_size=1, max_size=8),
     st.binary(min_size=80, max_size=80),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference_method
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,11 +35,6 @@ from oracle.estimate import (
     implied_prices,
 )
 from oracle.filter import TxFilter
-
-try:  # run from the repository root (tests/ importable as a package)
-    from tests import reference_method
-except ImportError:  # pytest's rootdir insertion puts tests/ on sys.path
-    import reference_method  # type: ignore[no-redef]
 
 DATA = Path(__file__).parent / "data"
 VECTOR = DATA / "vectors" / "oneday_937665-937808.json"

@@ -335,7 +335,7 @@ def method_rule(tx: CTransaction, seen: set[bytes]) -> str | None:
 def test_filter_agrees_with_a_literal_transcription(height: int) -> None:
     ref = CBlock.deserialize(block_path(height).read_bytes())
     seen: set[bytes] = set()
-    expected = []
+    expected: list[object] = []
     for ctx in ref.vtx:
         seen.add(ctx.GetTxid())
         reason = method_rule(ctx, seen)
@@ -347,8 +347,9 @@ def test_filter_agrees_with_a_literal_transcription(height: int) -> None:
         else:
             expected.append(reason)
     flt = TxFilter()
-    got = []
+    got: list[object] = []
     for tx in block(height).txs:
         kept = flt.offer(tx)
-        got.append(kept if kept is not None else reject_reason(tx, flt.seen).value)
+        why = reject_reason(tx, flt.seen)
+        got.append(kept if why is None else why.value)
     assert got == expected
