@@ -11,6 +11,11 @@ price must be the method's answer for the block, exactly.
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -182,3 +187,67 @@ def test_serve_and_demo_subcommands_are_registered() -> None:
     assert [Path(p).name for p in args.blocks] == [_path(818677).name]
     args = parser.parse_args(["serve", "--port", "0"])
     assert args.command == "serve"
+
+
+async def test_hypercorn_runs_the_whole_service_from_oracle_asgi() -> None:
+    """``hypercorn --worker-class trio oracle.asgi:app`` with settings from the
+    environment: the same block gives the same exact price."""
+    path = _path(702861)
+    block = parse_block(path.read_bytes())
+    ep = "tcp://127.0.0.1:0"
+    with (
+        CorePublisher.open({"rawtx": ep, "sequence": ep}, hwm=0) as pub,
+        trio.fail_after(60),
+    ):
+        env = dict(os.environ)
+        env.pop("FIATPRINT_CONFIG", None)
+        env.update(
+            FIATPRINT_ZMQ_RAWTX=pub.bound["rawtx"],
+            FIATPRINT_ZMQ_SEQUENCE=pub.bound["sequence"],
+            FIATPRINT_ESTIMATE_INTERVAL="0.05",
+            FIATPRINT_LOG_LEVEL="WARNING",
+        )
+        proc = await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                "-m",
+                "hypercorn",
+                "--worker-class",
+                "trio",
+                "--bind",
+                "127.0.0.1:0",
+                "oracle.asgi:app",
+            ],
+            env=env,
+            cwd=str(Path(__file__).parent.parent),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert proc.stderr is not None
+            seen = b""
+            while (
+                m := re.search(rb"Running on (http://127\.0\.0\.1:\d+)", seen)
+            ) is None:
+                chunk = await proc.stderr.receive_some(4096)
+                assert chunk, seen.decode(errors="replace")
+                seen += chunk
+            url = m.group(1).decode()
+            await pub.wait_subscribed()
+            for seq, tx in enumerate(block.txs[1:]):
+                pub.publish_mempool_tx(tx.raw, tx.txid, seq)
+                await trio.sleep(0)
+            pub.publish_block_connected(block)
+            while True:
+                status, body = await trio.to_thread.run_sync(
+                    _http_get_json, url + "/api/v1/price"
+                )
+                if status == 200 and body["confirmed_outputs"] == OUTPUTS_702861:
+                    break
+                await trio.sleep(0.05)
+        finally:
+            proc.terminate()
+            await proc.wait()
+    assert body["price"] == PRICE_702861
+    assert body["rough_price"] == ROUGH_702861
+    assert body["window_outputs"] == OUTPUTS_702861
