@@ -461,8 +461,10 @@ def load_settings_with_sources(
     for name, kind in kinds.items():
         var = env_name(name)
         if var in environ:
-            convert = functools.partial(_from_text, name, kind, environ[var])
-            winners[name] = (var, convert)
+            winners[name] = (
+                var,
+                functools.partial(_from_text, name, kind, environ[var]),
+            )
         if args is not None and hasattr(args, name):
             winners[name] = (
                 flag_name(name),

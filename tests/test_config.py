@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,7 +187,7 @@ def test_a_field_added_later_is_picked_up_generically(monkeypatch) -> None:
 
     monkeypatch.setattr(config, "Settings", Extended)
     args = _parse("--no-dry-run", "--max-clients", "7")
-    s = load_settings(args, {"FIATPRINT_DRY_RUN": "yes", "FIATPRINT_RATIO": "0.5"})
+    s: Any = load_settings(args, {"FIATPRINT_DRY_RUN": "yes", "FIATPRINT_RATIO": "0.5"})
     assert (s.dry_run, s.max_clients, s.ratio) == (False, 7, 0.5)
     s = load_settings(_parse(), {"FIATPRINT_DRY_RUN": "on"})
     assert (s.dry_run, s.max_clients, s.ratio) == (True, 100, None)

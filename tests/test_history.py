@@ -16,7 +16,13 @@ import trio
 
 from oracle.decode import parse_block
 from oracle.estimate import Estimate, estimate
-from oracle.events import BlockEvent, EstimateUpdate, PointsBatch, StatusChange
+from oracle.events import (
+    BlockEvent,
+    EstimateUpdate,
+    PointsBatch,
+    StatusChange,
+    Update,
+)
 from oracle.filter import TxFilter
 from oracle.history import (
     History,
@@ -219,14 +225,15 @@ async def test_run_history_stores_what_the_recorder_keeps(tmp_path: Path) -> Non
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(run_history, history, recv))
             async with send:
-                for u in [
+                updates: list[Update] = [
                     update(e1, 100.0),
                     PointsBatch(points=()),
                     update(e1, 130.0),
                     connected(H818677, 818677, 131.0),
                     update(e2, 132.0),
                     update(e2, 161.0),
-                ]:
+                ]
+                for u in updates:
                     assert offer(send, u, history)
         got = await history.query()
         history.close()
