@@ -9,8 +9,10 @@ witness-stripped) is decoded with :func:`oracle.decode.parse_block`, alone and
 followed by :class:`oracle.filter.TxFilter`; each of their transactions is
 decoded on its own with :func:`oracle.decode.parse_tx` (as ``rawtx``
 messages arrive); and the blocks are deserialised by python-bitcoinlib's
-``CBlock.deserialize`` from the same bytes in the same run. Each figure is
-the median of ``--repeat`` passes over all blocks; "best" is the fastest pass.
+``CBlock.deserialize`` (which also builds both merkle trees, hashing every
+transaction) and each transaction by ``CTransaction.deserialize`` (no
+hashing) from the same bytes in the same run. Each figure is the median of
+``--repeat`` passes over all blocks; "best" is the fastest pass.
 
 Estimate: :func:`oracle.estimate.estimate` on the one-day vector (median of
 ``--estimate-runs`` runs) against ``tests/reference_method.run`` on the same
@@ -36,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from bitcoin.core import CBlock
+from bitcoin.core import CBlock, CTransaction
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -89,6 +91,11 @@ def each_tx(raws: list[bytes]) -> None:
         parse_tx(raw)
 
 
+def bitcoinlib_each_tx(raws: list[bytes]) -> None:
+    for raw in raws:
+        CTransaction.deserialize(raw)
+
+
 def bitcoinlib_deserialize(blocks: list[bytes]) -> None:
     for raw in blocks:
         CBlock.deserialize(raw)
@@ -139,15 +146,23 @@ def main(argv: list[str] | None = None) -> int:
             "python-bitcoinlib CBlock.deserialize",
             median_time(lambda: bitcoinlib_deserialize(blocks), args.repeat),
         ),
+        (
+            "python-bitcoinlib CTransaction.deserialize",
+            median_time(lambda: bitcoinlib_each_tx(tx_raws), args.repeat),
+        ),
     ]
-    print(f"  {'':38} {'seconds':>8} {'tx/s':>10} {'MB/s':>7} {'best MB/s':>10}")
+    print(f"  {'':42} {'seconds':>8} {'tx/s':>10} {'MB/s':>7} {'best MB/s':>10}")
     for name, (seconds, best) in rows:
         print(
-            f"  {name:38} {seconds:8.3f} {n_tx / seconds:10,.0f} "
+            f"  {name:42} {seconds:8.3f} {n_tx / seconds:10,.0f} "
             f"{mb / seconds:7.1f} {mb / best:10.1f}"
         )
-    ratio = rows[3][1][0] / rows[1][1][0]
-    print(f"  decode + filter is {ratio:.1f}x the speed of python-bitcoinlib")
+    by_block = rows[3][1][0] / rows[1][1][0]
+    by_tx = rows[4][1][0] / rows[2][1][0]
+    print(
+        f"  parse_block + TxFilter: {by_block:.1f}x the speed of CBlock.deserialize;"
+        f" parse_tx: {by_tx:.1f}x the speed of CTransaction.deserialize"
+    )
 
     with open(VECTOR) as f:
         amounts_list = json.load(f)["filtered_outputs"]
