@@ -39,6 +39,7 @@ import inspect
 import json
 import logging
 import math
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ from typing import Any, Final
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio import serve
 from quart import Response, request, send_from_directory, websocket
 from quart_trio import QuartTrio
@@ -59,6 +61,8 @@ from .metrics import CONTENT_TYPE, Metrics
 __all__ = [
     "HYPERCORN_MAX_MESSAGE",
     "MAX_CLIENT_MESSAGE",
+    "PING_INTERVAL",
+    "READ_TIMEOUT",
     "SEND_TIMEOUT",
     "create_app",
     "hypercorn_config",
@@ -71,9 +75,29 @@ log = logging.getLogger(__name__)
 MAX_CLIENT_MESSAGE: Final = 4096
 #: Hypercorn's own limit on one incoming WebSocket message.
 HYPERCORN_MAX_MESSAGE: Final = 65536
-#: Seconds one frame may take to leave; a client that does not read for this
-#: long is disconnected, which bounds the memory its connection holds.
+#: Hypercorn pings every WebSocket client this often (seconds); browsers
+#: answer by themselves.
+PING_INTERVAL: Final = 20.0
+#: Hypercorn closes a connection from which nothing arrived for this long
+#: (seconds); a client that has stopped reading cannot answer pings.
+READ_TIMEOUT: Final = 60
+#: The kernel aborts a connection whose sent data stays unacknowledged, or
+#: whose receive window stays shut, for this long (seconds; Linux
+#: ``TCP_USER_TIMEOUT``, set on the listening sockets and inherited by every
+#: accepted one). This is what disconnects a WebSocket client that has stopped
+#: reading: hypercorn shields its socket writes from cancellation and only
+#: acts on its read timeout once the write in flight has finished, so neither
+#: the app nor hypercorn can end a write that a client never reads. Until the
+#: kernel gives up, such a client holds its subscription (at most
+#: ``queue_size`` references to shared frames) and the one frame being written.
+#: A client that reads a trickle, just enough to keep the window open, is not
+#: caught by this; its cost stays that same bounded amount.
 SEND_TIMEOUT: Final = 30.0
+#: Seconds a rejected client is read from, and its messages discarded, after
+#: its close frame is sent. A client that goes on sending past this without
+#: answering the close is left to hypercorn, which stops reading from it: the
+#: connection then costs its socket buffers until the client goes away.
+BAD_CLIENT_LINGER: Final = 5.0
 #: Client message rate: a burst of this many, refilled at this many per second.
 CLIENT_BURST: Final = 20
 CLIENT_RATE: Final = 5.0
@@ -157,7 +181,6 @@ def create_app(
     """
     web_dir = Path(settings.web_dir)
     app = QuartTrio(__name__, static_folder=str(web_dir), static_url_path="/static")
-    slow_log = RateLimitedLog(log, key_fields=())
     history_log = RateLimitedLog(log, key_fields=())
     bad_log = RateLimitedLog(log, key_fields=("reason",))
 
@@ -264,15 +287,20 @@ def create_app(
         with fanout.subscribe() as sub:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_read_client, sub, nursery.cancel_scope, bad)
-                await _send_frames(sub, peer)
+                await _send_frames(sub)
                 nursery.cancel_scope.cancel()
         if bad:
             e = bad[0]
             if metrics is not None:
                 metrics.bad_client_messages.inc()
             bad_log.warning("ws_bad_client", reason=e.reason, peer=peer)
-            with trio.move_on_after(1.0):
+            # Keep reading (and discarding) for a moment after the close
+            # frame: a client still sending would otherwise find hypercorn no
+            # longer reading, and the close handshake could not complete.
+            with trio.move_on_after(BAD_CLIENT_LINGER):
                 await websocket.close(e.code, e.reason)
+                while True:
+                    await websocket.receive()
 
     async def _read_client(
         sub: Any, scope: trio.CancelScope, bad: list[_BadClient]
@@ -315,17 +343,13 @@ def create_app(
                 raise _BadClient("unknown_message", 1008)
             sub.request_pong()
 
-    async def _send_frames(sub: Any, peer: str) -> None:
+    async def _send_frames(sub: Any) -> None:
         while True:
             try:
                 frame = await sub.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            with trio.move_on_after(SEND_TIMEOUT) as cs:
-                await websocket.send(frame)
-            if cs.cancelled_caught:
-                slow_log.warning("ws_send_timeout", peer=peer, seconds=SEND_TIMEOUT)
-                return
+            await websocket.send(frame)
 
     return app
 
@@ -337,10 +361,32 @@ def _peer() -> str:
     return f"{client[0]}:{client[1]}"
 
 
+class _Config(HypercornConfig):
+    """Hypercorn's configuration, with :data:`SEND_TIMEOUT` applied to the
+    listening sockets where the platform supports ``TCP_USER_TIMEOUT``."""
+
+    send_timeout: float = SEND_TIMEOUT
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if option is not None:
+            for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(
+                        socket.IPPROTO_TCP, option, int(self.send_timeout * 1000)
+                    )
+        return sockets
+
+
 def hypercorn_config(settings: Settings) -> HypercornConfig:
     """The hypercorn configuration for ``settings.host`` and ``settings.port``
-    (port 0 picks a free port). Access logging is off."""
-    config = HypercornConfig()
+    (port 0 picks a free port). Access logging is off; WebSocket clients are
+    pinged every :data:`PING_INTERVAL` seconds and any connection silent for
+    :data:`READ_TIMEOUT` seconds is closed; the kernel aborts a connection
+    that has not taken data for :data:`SEND_TIMEOUT` seconds (Linux)."""
+    config = _Config()
+    config.send_timeout = SEND_TIMEOUT
     host = settings.host
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
@@ -348,6 +394,8 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.accesslog = None
     config.websocket_max_message_size = HYPERCORN_MAX_MESSAGE
     config.graceful_timeout = 1.0
+    config.websocket_ping_interval = PING_INTERVAL
+    config.read_timeout = int(READ_TIMEOUT)
     return config
 
 

@@ -25,9 +25,9 @@ The frame formats are written down in ``docs/websocket.md`` and
 ``docs/websocket.schema.json``.
 
 Memory held for a client that has stopped reading is ``queue_size`` references
-to shared frames plus the one frame its connection is busy sending; the web
-layer (:mod:`oracle.app`) closes such a connection when one send takes longer
-than its send timeout.
+to shared frames plus the one frame its connection is busy writing; the web
+layer (:mod:`oracle.app`) has hypercorn close such a connection once it has
+failed to answer pings for ``READ_TIMEOUT`` seconds.
 """
 
 from __future__ import annotations
