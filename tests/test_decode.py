@@ -107,11 +107,23 @@ def test_real_block_decodes_and_proves_itself(name: str) -> None:
         assert all(tx.wtxid == tx.txid for tx in b.txs)
 
 
-def test_pre_bip34_blocks_have_no_height_or_a_different_one() -> None:
-    # Before BIP34 the coinbase script is free-form: the decoder reports what
-    # it finds, which must not be mistaken for the block's height.
-    assert block(block_file(100000)).bip34_height != 100000
-    assert block(block_file(227836)).bip34_height == 227836  # miners started early
+@pytest.mark.parametrize(
+    ("height", "found"),
+    [
+        (100000, 453281356),  # the push is the header's bits, 0x1b04864c
+        (150013, 436956491),
+        (169482, None),  # the script starts with OP_0
+        (200000, 200000),  # some miners pushed the height before BIP34
+        (227835, 1364140153),  # the block's timestamp
+        (227836, 227836),
+    ],
+)
+def test_before_bip34_the_first_push_is_reported_as_found(
+    height: int, found: int | None
+) -> None:
+    # Before height 227931 the coinbase script is free-form: the decoder
+    # reports the leading push, which need not be the height.
+    assert block(block_file(height)).bip34_height == found
 
 
 def test_block_hash_and_txid_of_a_known_block_in_display_order() -> None:
