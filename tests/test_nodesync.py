@@ -313,3 +313,45 @@ async def test_syncing_node_is_waited_for(autojump_clock) -> None:
             assert "initial block download" in h.state.detail
             node.ibd = False
             assert await h.blocks(2) == [("C", 1001), ("C", 1002)]
+
+
+async def test_whole_service_with_the_standin_node() -> None:
+    """``run_service`` with RPC configured: the baseline arrives through node
+    sync, and a block announced over ZMQ is fetched in full and confirmed."""
+    import time
+
+    from oracle.service import run_service
+
+    # Start at height 0, as a real chain does; 553724 (2018) stays outside a
+    # window reaching one hour before 757739.
+    chain = {0: 553724, 1: 757739, 2: 757753}
+    with trio.fail_after(60):
+        async with open_standin(chain) as node:
+            assert node.publisher is not None
+            settings = Settings(
+                port=0,
+                window_seconds=time.time() - 1665249955 + 3600,
+                rpc_url=node.url,
+                rpc_user=node.user,
+                rpc_password=node.password,
+                zmq_rawtx=node.zmq_bound["rawtx"],
+                zmq_sequence=node.zmq_bound["sequence"],
+            )
+            async with trio.open_nursery() as nursery:
+                info = await nursery.start(partial(run_service, settings))
+                service = info.service
+                await node.publisher.wait_subscribed(["rawtx", "sequence"])
+                while service.node is None or service.node.status != "ok":
+                    await trio.sleep(0.02)
+                assert service.node.baseline_blocks == 2
+                window = service.window
+                assert window is not None
+                while window.confirmed_outputs != 169:
+                    await trio.sleep(0.02)
+                node.connect_block(real_block(774628))
+                while window.confirmed_outputs != 237:
+                    await trio.sleep(0.02)
+                assert window.mempool_outputs == 0
+                assert service.node.blocks_sent == 3
+                assert node.calls.count("getblock") == 3
+                nursery.cancel_scope.cancel()
