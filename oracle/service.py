@@ -185,8 +185,12 @@ class Service:
         }
 
     def healthy(self) -> bool:
-        """For the systemd watchdog: the pipeline runs and is not down."""
-        return self.health()["status"] in ("ok", "degraded", "starting")
+        """For the systemd watchdog: False while the feed is stale (no ZMQ
+        message for ``stale_seconds``) or the node is unreachable, so that
+        systemd can restart a service that no longer hears its node."""
+        health = self.health()
+        feed = health["components"].get("feed", {}).get("status")
+        return feed != "stale" and health["status"] != "down"
 
     def create_app(self) -> QuartTrio:
         """The web app serving this service's fan-out, health and metrics."""

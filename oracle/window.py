@@ -85,7 +85,8 @@ MAX_POINTS_PER_BATCH: Final = 2000
 #: Windows with more outputs than this are estimated in a worker thread so
 #: the event loop (which also serves the web clients) stays responsive.
 THREAD_THRESHOLD: Final = 20_000
-#: A feed with no trouble for this many seconds is reported healthy again.
+#: A feed with no gap or restart for this many seconds is reported healthy
+#: again (a stale feed is healthy again as soon as a message arrives).
 FEED_OK_AFTER: Final = 60.0
 _NO_SEEN: Final[frozenset[bytes]] = frozenset()
 
@@ -393,6 +394,7 @@ class _Actor:
     trouble: FeedTrouble | None = None
     trouble_at: float | None = None
     feed_status: str = "ok"
+    feed_alive: bool = False
 
     def send(self, update: Update) -> bool:
         """Hand ``update`` to the fan-out without waiting; False if dropped."""
@@ -453,6 +455,8 @@ class _Actor:
         elif isinstance(event, FeedTrouble):
             self.trouble = event
             self.trouble_at = trio.current_time()
+        if self.feed_status == "stale" and not isinstance(event, FeedTrouble | Resync):
+            self.feed_alive = True
 
     async def tick(self, *, use_thread: bool | None = None) -> None:
         """Expire, re-estimate if the window changed, send what is new."""
@@ -494,13 +498,19 @@ class _Actor:
                 self.send(PointsBatch(tuple(points[i : i + MAX_POINTS_PER_BATCH])))
 
     def _feed_status(self) -> None:
+        """Send the feed's status when it changed: the latest trouble's kind,
+        ``ok`` again once a stale feed delivers or a gap/restart is old."""
         t = self.trouble
+        alive, self.feed_alive = self.feed_alive, False
         if t is not None:
             self.trouble = None
             self.feed_status = t.kind
             self.send(
                 StatusChange("feed", t.kind, f"{t.topic}: {t.detail}", self.clock())
             )
+        elif alive and self.feed_status == "stale":
+            self.feed_status = "ok"
+            self.send(StatusChange("feed", "ok", "messages arrive again", self.clock()))
         elif (
             self.feed_status != "ok"
             and self.trouble_at is not None
