@@ -213,12 +213,6 @@ async def _http_status(port: int, path: str) -> bytes:
     return data.split(b"\r\n", 1)[0]
 
 
-@pytest.mark.xfail(
-    reason="oracle.service.Service.healthy() counts a stale feed (health "
-    "'degraded') as healthy, so the watchdog keeps pinging; it should return "
-    "False while components['feed']['status'] == 'stale'",
-    strict=False,
-)
 async def test_fiatprint_serve_under_systemd_notify(tmp_path: Path) -> None:
     """``fiatprint serve`` as a subprocess with NOTIFY_SOCKET and WATCHDOG_USEC:
     READY=1 arrives when the HTTP port already answers, then WATCHDOG=1 pings
