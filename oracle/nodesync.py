@@ -138,6 +138,21 @@ def _status_for(exc: RpcError) -> str:
     return "error"
 
 
+def _raise_first_rpc_error(group: BaseExceptionGroup[BaseException]) -> None:
+    """Raise the first :class:`RpcError` in ``group`` on its own, if any.
+
+    Concurrent fetches fail together; the retry logic wants one error to
+    report, not a group. Groups without one (cancellation) are left alone.
+    """
+    matched = group.subgroup(RpcError)
+    if matched is None:
+        return
+    first: BaseException = matched
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    raise first from None
+
+
 class _ReloadNeeded(Exception):
     """Internal: the live chain cannot be followed block by block."""
 
@@ -290,9 +305,13 @@ class _NodeSync:
                     kv("node_baseline_progress", fetched=len(blocks), of=len(wanted)),
                 )
 
-        async with trio.open_nursery() as nursery:
-            for h, bh in wanted:
-                nursery.start_soon(one, h, bh)
+        try:
+            async with trio.open_nursery() as nursery:
+                for h, bh in wanted:
+                    nursery.start_soon(one, h, bh)
+        except BaseExceptionGroup as group:
+            _raise_first_rpc_error(group)
+            raise
         if self.state.blocks_sent:
             self.state.reloads += 1
         if self.resync_reason is not None:

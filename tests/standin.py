@@ -25,6 +25,8 @@ Test controls (all on the trio thread):
   ZMQ counters back to 0 (the ZMQ socket itself stays bound, which a
   subscriber cannot tell from a restart, since SUB sockets reconnect
   silently);
+* ``faults`` (method -> count): the next calls of a method fail with Core's
+  warm-up error -28;
 * attributes ``user``/``password`` (change them to refuse the client),
   ``ibd``, ``chain_name``, ``rest``; ZMQ topics left out of ``zmq`` are
   missing from ``getzmqnotifications``.
@@ -104,6 +106,8 @@ class StandinNode:
         factory=lambda: {"rawtx": "tcp://127.0.0.1:0", "sequence": "tcp://127.0.0.1:0"}
     )
     calls: list[str] = attrs.field(factory=list)
+    #: method -> how many of its next calls fail with Core's warm-up error.
+    faults: dict[str, int] = attrs.field(factory=dict)
     mempool: list[bytes] = attrs.field(factory=list)  # raw transactions
     port: int = 0
     publisher: CorePublisher | None = None
@@ -296,6 +300,9 @@ class StandinNode:
         except (ValueError, KeyError, TypeError):
             return 500, "application/json", _reply(None, -32700, "Parse error")
         self.calls.append(method)
+        if self.faults.get(method, 0) > 0:
+            self.faults[method] -= 1
+            return 500, "application/json", _reply(rid, -28, "Loading block index...")
         try:
             result = self._dispatch(method, list(params))
         except _RpcFault as fault:

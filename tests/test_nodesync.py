@@ -355,3 +355,21 @@ async def test_whole_service_with_the_standin_node() -> None:
                 assert service.node.blocks_sent == 3
                 assert node.calls.count("getblock") == 3
                 nursery.cancel_scope.cancel()
+
+
+async def test_a_block_failing_mid_baseline_is_retried(autojump_clock) -> None:
+    with trio.fail_after(600):
+        async with open_standin(CHAIN) as node:
+            node.faults["getblock"] = 1
+            async with running_sync(node) as h:
+                assert await h.blocks(2) == [("C", 1001), ("C", 1002)]
+                assert await h.statuses_until("ok") == [
+                    "loading",
+                    "loading",
+                    "syncing",
+                    "loading",
+                    "loading",
+                    "ok",
+                ]
+                # Both blocks were asked for at once; the whole load is redone.
+                assert node.calls.count("getblock") == 4
