@@ -408,6 +408,19 @@ class _NodeSync:
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, self.backoff_max)
                 continue
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.info("%s", kv("node_sync_stopped", reason="window closed"))
+                return
+            except Exception as exc:
+                # A bug here must not take the service down: report it,
+                # start again from a fresh baseline.
+                log.exception("%s", kv("node_sync_failure", error=repr(exc)))
+                self.set_status("error", f"internal failure: {exc!r}")
+                self.reload = True
+                self.resync_reason = "node sync failure"
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self.backoff_max)
+                continue
             if self.closed and not self.pending:
                 return
             if not self.pending and not self.reload:
