@@ -256,7 +256,7 @@ class _NodeSync:
             "hashblock": s.zmq_hashblock,
         }
         try:
-            await self.rpc.check(
+            info = await self.rpc.check(
                 network=s.network, zmq_topics=topics, zmq_endpoints=endpoints
             )
         except ZmqTopicsMissing as exc:
@@ -269,6 +269,16 @@ class _NodeSync:
                 ),
             )
             return str(exc)
+        for topic in topics:
+            ours, theirs = endpoints[topic] or "", info.zmq.get(topic, "")
+            if ours.rsplit(":", 1)[-1] != theirs.rsplit(":", 1)[-1]:
+                # Different ports cannot be the same socket (a different host
+                # may be: the node may bind 0.0.0.0 where we connect to
+                # 127.0.0.1), so this is most likely a misconfiguration.
+                log.warning(
+                    "%s",
+                    kv("node_zmq_port_differs", topic=topic, node=theirs, ours=ours),
+                )
         return None
 
     async def load_baseline(self) -> None:

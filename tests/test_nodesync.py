@@ -373,3 +373,20 @@ async def test_a_block_failing_mid_baseline_is_retried(autojump_clock) -> None:
                 ]
                 # Both blocks were asked for at once; the whole load is redone.
                 assert node.calls.count("getblock") == 4
+
+
+async def test_a_zmq_port_mismatch_is_logged(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="oracle.nodesync")
+    with trio.fail_after(30):
+        async with open_standin(CHAIN) as node:
+            async with running_sync(node) as h:  # SETTINGS: ports 28332/28333
+                assert await h.blocks(2) == [("C", 1001), ("C", 1002)]
+                assert await h.statuses_until("ok") == ["loading", "loading", "ok"]
+            bound = node.zmq_bound
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"node_zmq_port_differs topic=rawtx node={bound['rawtx']} "
+        "ours=tcp://127.0.0.1:28332",
+        f"node_zmq_port_differs topic=sequence node={bound['sequence']} "
+        "ours=tcp://127.0.0.1:28333",
+    ]
