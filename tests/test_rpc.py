@@ -278,3 +278,25 @@ def test_resolve_endpoint_order(tmp_path: Path) -> None:
         assert ep.cookie == tmp_path / sub / ".cookie"
     with pytest.raises(ValueError):
         resolve_endpoint(network="mainnet")
+
+
+async def test_standin_mempool_follows_arrivals_and_blocks() -> None:
+    from oracle.decode import parse_block
+
+    block = parse_block(real_block(553724))
+    with trio.fail_after(10):
+        async with open_standin({10: 542213}) as node:
+            rpc = client_for(node)
+            node.add_mempool_tx(block.txs[1].raw)
+            node.add_mempool_tx(block.txs[2].raw)
+            assert await rpc.call("getrawmempool") == [
+                block.txs[1].txid_hex,
+                block.txs[2].txid_hex,
+            ]
+            assert node.connect_block(real_block(553724)) == 11
+            assert await rpc.call("getrawmempool") == []
+            assert await rpc.call("getblockcount") == 11
+            info = await rpc.call("getnetworkinfo")
+            assert info["subversion"] == "/Satoshi:27.0.0/"
+            assert node.publisher is not None
+            assert node.publisher.counters == {"rawtx": 2 + 4, "sequence": 2 + 1}
