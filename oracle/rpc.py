@@ -381,7 +381,9 @@ class RpcClient:
             )
         host = parts.hostname or "127.0.0.1"
         port = parts.port or 80
-        base = parts.path.rstrip("/")
+        # JSON-RPC goes to the URL's own path ("/" or e.g. "/wallet/w1");
+        # REST paths hang under the URL's path without its trailing slash.
+        target = (parts.path or "/") if path == "/" else parts.path.rstrip("/") + path
         auth = self._auth()
         conn = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=64 * 1024)
         headers = [
@@ -399,9 +401,7 @@ class RpcClient:
             with trio.fail_after(self.timeout):
                 stream = await trio.open_tcp_stream(host, port)
                 async with stream:
-                    req = h11.Request(
-                        method=method, target=base + path, headers=headers
-                    )
+                    req = h11.Request(method=method, target=target, headers=headers)
                     await stream.send_all(conn.send(req) or b"")
                     if body:
                         await stream.send_all(conn.send(h11.Data(data=body)) or b"")

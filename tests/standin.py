@@ -106,6 +106,7 @@ class StandinNode:
         factory=lambda: {"rawtx": "tcp://127.0.0.1:0", "sequence": "tcp://127.0.0.1:0"}
     )
     calls: list[str] = attrs.field(factory=list)
+    paths: list[str] = attrs.field(factory=list)  # HTTP request targets
     #: method -> how many of its next calls fail with Core's warm-up error.
     faults: dict[str, int] = attrs.field(factory=dict)
     mempool: list[bytes] = attrs.field(factory=list)  # raw transactions
@@ -280,6 +281,7 @@ class StandinNode:
 
     def _respond(self, request: h11.Request, body: bytes) -> tuple[int, str, bytes]:
         target = request.target.decode()
+        self.paths.append(target)
         if request.method == b"GET" and target.startswith("/rest/block/"):
             if not self.rest:
                 return 404, "text/plain", b"REST is disabled\r\n"

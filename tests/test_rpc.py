@@ -300,3 +300,25 @@ async def test_standin_mempool_follows_arrivals_and_blocks() -> None:
             assert info["subversion"] == "/Satoshi:27.0.0/"
             assert node.publisher is not None
             assert node.publisher.counters == {"rawtx": 2 + 4, "sequence": 2 + 1}
+
+
+async def test_the_url_path_is_kept_for_rpc_and_rest() -> None:
+    with trio.fail_after(10):
+        async with open_standin({10: 553724}, rest=True) as node:
+            for suffix, rest in (("", False), ("/", False), ("/wallet/w1", False)):
+                rpc = RpcClient(
+                    RpcEndpoint(node.url + suffix, node.user, node.password, None, "x"),
+                    rest=rest,
+                )
+                await rpc.call("getblockcount")
+            rest_client = RpcClient(
+                RpcEndpoint(node.url + "/", node.user, node.password, None, "x"),
+                rest=True,
+            )
+            await rest_client.raw_block(HASH_553724)
+            assert node.paths == [
+                "/",
+                "/",
+                "/wallet/w1",
+                f"/rest/block/{HASH_553724}.bin",
+            ]
