@@ -238,6 +238,11 @@ class CorePublisher:
         before a subscription reaches the publisher are lost to that
         subscriber; call this before the first message that matters.
 
+        The descriptor is edge-triggered, so besides waiting on it this
+        checks again every 20 ms; under trio's autojump clock those checks run
+        in virtual time and spin until the real subscription arrives, so use
+        a real clock around this call.
+
         Cancellation: safe at any point; nothing is sent.
         """
         wanted = list(self.sockets if topics is None else topics)
