@@ -325,6 +325,10 @@ class Window:
             n += 1
         if self._announced and n:
             self._announced = {t: a for t, a in self._announced.items() if a >= cutoff}
+        if len(self._new) > 2 * len(self._entries) + 1000:
+            # Nobody has taken the new outputs for a while (no rough price
+            # yet): keep only those still in the window.
+            self._new = [t for t in self._new if t in self._entries]
         for h in [h for h, r in self._blocks.items() if r.time < cutoff]:
             del self._blocks[h]
         return n
