@@ -125,15 +125,18 @@ class HistoryRow:
         est = update.estimate
         if est.price is None or not math.isfinite(est.price):
             return None
+        spread = est.spread
         return cls(
-            time=update.time,
+            time=float(update.time),
             price=float(est.price),
-            rough_price=est.rough_price,
-            spread=est.spread,
-            outputs=est.outputs,
-            window_outputs=update.window_outputs,
-            confirmed_outputs=update.confirmed_outputs,
-            mempool_outputs=update.mempool_outputs,
+            rough_price=None if est.rough_price is None else int(est.rough_price),
+            spread=None
+            if spread is None or not math.isfinite(spread)
+            else float(spread),
+            outputs=int(est.outputs),
+            window_outputs=int(update.window_outputs),
+            confirmed_outputs=int(update.confirmed_outputs),
+            mempool_outputs=int(update.mempool_outputs),
             height=block.height if block else None,
             block_hash=block.hash if block else None,
             kind="block" if block else "timed",
