@@ -27,6 +27,14 @@ Routes (all relative, so the app works under a path prefix behind a proxy):
     error when history is disabled, 400 for bad parameters, 503 when the
     database cannot be read.
 
+The connection limits (:data:`SEND_TIMEOUT`, :data:`PING_INTERVAL`,
+:data:`READ_TIMEOUT`, :data:`HYPERCORN_MAX_MESSAGE`) are applied by
+:func:`serve_http`. When the app is run by a hypercorn started from its own
+command line (``hypercorn oracle.asgi:app``), hypercorn's configuration is
+used instead, and a client that stops reading is then never disconnected
+(its cost stays bounded as described for :data:`SEND_TIMEOUT`): hypercorn's
+own ``--read-timeout`` cannot end a write in progress.
+
 Hypercorn itself refuses WebSocket messages over
 :data:`HYPERCORN_MAX_MESSAGE` bytes before the app sees them; those close the
 connection with code 1009 but are not counted in ``bad_client_messages``,
@@ -54,7 +62,7 @@ from quart import Response, request, send_from_directory, websocket
 from quart_trio import QuartTrio
 
 from .config import Settings
-from .fanout import PROTOCOL_VERSION, FanOut
+from .fanout import PROTOCOL_VERSION, FanOut, Subscription
 from .logging import RateLimitedLog
 from .metrics import CONTENT_TYPE, Metrics
 
@@ -303,7 +311,7 @@ def create_app(
                     await websocket.receive()
 
     async def _read_client(
-        sub: Any, scope: trio.CancelScope, bad: list[_BadClient]
+        sub: Subscription, scope: trio.CancelScope, bad: list[_BadClient]
     ) -> None:
         """Drain client messages until one breaks the rules; then record why
         in ``bad`` and cancel ``scope`` (the connection's tasks)."""
@@ -313,7 +321,7 @@ def create_app(
             bad.append(e)
             scope.cancel()
 
-    async def _check_client_messages(sub: Any) -> None:
+    async def _check_client_messages(sub: Subscription) -> None:
         tokens = float(CLIENT_BURST)
         last = trio.current_time()
         while True:
@@ -343,7 +351,7 @@ def create_app(
                 raise _BadClient("unknown_message", 1008)
             sub.request_pong()
 
-    async def _send_frames(sub: Any) -> None:
+    async def _send_frames(sub: Subscription) -> None:
         while True:
             try:
                 frame = await sub.receive()
