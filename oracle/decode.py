@@ -31,6 +31,7 @@ __all__ = [
     "merkle_root",
     "parse_block",
     "parse_header",
+    "peek_block",
     "parse_tx",
     "witness_commitment",
     "witness_merkle_root",
@@ -370,6 +371,20 @@ def parse_block(data: bytes) -> Block:
         raise DecodeError(f"{end - pos} trailing bytes after the last transaction", pos)
     height = _bip34_height(txs[0]) if txs[0].is_coinbase else None
     return Block(header, tuple(txs), height, end)
+
+
+def peek_block(data: bytes) -> tuple[BlockHeader, int | None]:
+    """The header and BIP34 height of a block, decoding only its coinbase.
+
+    Lets a caller order many block files by height before decoding them one
+    at a time. Raises :class:`DecodeError` where :func:`parse_block` would for
+    the header, the count or the coinbase; the rest is not checked.
+    """
+    data = bytes(data)
+    header = parse_header(data)
+    _n, pos = _count(data, _HEADER_LEN, len(data), "transaction", _MIN_TX)
+    coinbase, _ = _tx_at(data, pos, len(data))
+    return header, _bip34_height(coinbase) if coinbase.is_coinbase else None
 
 
 def merkle_root(hashes: list[bytes]) -> bytes:

@@ -21,7 +21,7 @@ from pathlib import Path
 from . import chain
 from .chart import write_chart
 from .cli import EXIT_NO_DATA, EXIT_OK, EXIT_USAGE
-from .decode import Block, DecodeError, parse_block
+from .decode import Block, BlockHeader, DecodeError, parse_block, peek_block
 from .report import PriceReport, price_blocks, price_vector
 from .rpc import RpcError
 
@@ -58,6 +58,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chain.add_node_arguments(parser)
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
+def _height(path: Path, header: BlockHeader, bip34: int | None) -> int | None:
+    """BIP34 height, or before BIP34 (height 227931, where the coinbase holds
+    no height) the one in a file named ``<height>-<hash>.bin`` whose hash
+    matches the header."""
+    named = _HEIGHT_IN_NAME.match(path.name)
+    if named and (bip34 is None or bip34 != int(named.group(1))):
+        if path.name[len(named.group(1)) + 1 : -4] == header.hash_hex:
+            return int(named.group(1))
+    return bip34
+
+
 def load_block_file(path: Path) -> tuple[int | None, Block]:
     """Read and decode one raw block file; its height from BIP34 or the name.
 
@@ -65,21 +83,19 @@ def load_block_file(path: Path) -> tuple[int | None, Block]:
       UsageError: unreadable file or malformed block, naming the file.
     """
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        block = parse_block(data)
+        block = parse_block(_read(path))
     except DecodeError as exc:
         raise UsageError(f"{path}: not a valid block: {exc}") from exc
-    height = block.bip34_height
-    named = _HEIGHT_IN_NAME.match(path.name)
-    if named and (height is None or height != int(named.group(1))):
-        # Before BIP34 (height 227931) the coinbase holds no height: trust a
-        # file named <height>-<hash>.bin when its hash matches the header.
-        if path.name[len(named.group(1)) + 1 : -4] == block.hash_hex:
-            height = int(named.group(1))
-    return height, block
+    return _height(path, block.header, block.bip34_height), block
+
+
+def _block_order(path: Path) -> tuple[int, int]:
+    try:
+        header, bip34 = peek_block(_read(path))
+    except DecodeError as exc:
+        raise UsageError(f"{path}: not a valid block: {exc}") from exc
+    height = _height(path, header, bip34)
+    return (height if height is not None else -1, header.time)
 
 
 def _load_vector(path: Path) -> PriceReport:
@@ -110,10 +126,10 @@ def _load_vector(path: Path) -> PriceReport:
 
 
 def blocks_report(paths: list[Path]) -> PriceReport:
-    loaded = [load_block_file(p) for p in paths]
-    # One window in height order; a block of unknown height sorts by time.
-    loaded.sort(key=lambda hb: (hb[0] if hb[0] is not None else -1, hb[1].header.time))
-    return price_blocks(loaded)
+    """Price block files as one window in height order (a block of unknown
+    height sorts first, by time). Only one decoded block is held at a time."""
+    ordered = sorted(paths, key=_block_order)
+    return price_blocks(load_block_file(p) for p in ordered)
 
 
 def emit(report: PriceReport, args: argparse.Namespace) -> int:

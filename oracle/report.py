@@ -10,7 +10,7 @@ node over RPC, so both sources print byte-identical results.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -93,19 +93,26 @@ def _span(first: int | None, last: int | None) -> str:
     return f"blocks {first}..{last}"
 
 
-def price_blocks(blocks: Sequence[tuple[int | None, Block]]) -> PriceReport:
+def price_blocks(blocks: Iterable[tuple[int | None, Block]]) -> PriceReport:
     """Filter and estimate ``(height, block)`` pairs as one window.
 
     The caller passes them in height order; heights may be None when unknown
-    (before BIP34), and then the report's heights are None too.
+    (before BIP34), and then the report's heights are None too. ``blocks`` is
+    consumed once and no block is kept, so a generator that decodes one block
+    at a time prices a whole day in the memory of one decoded block.
     """
     flt = TxFilter()
     amounts: list[float] = []
     heights: list[int] = []
     times: list[int] = []
+    known: list[int] = []
+    block_times: list[int] = []
     n_tx = 0
     for height, block in blocks:
         t = block.header.time
+        block_times.append(t)
+        if height is not None:
+            known.append(height)
         h = -1 if height is None else height
         for tx in block.txs:
             n_tx += 1
@@ -115,7 +122,6 @@ def price_blocks(blocks: Sequence[tuple[int | None, Block]]) -> PriceReport:
                     amounts.append(sats / 1e8)
                     heights.append(h)
                     times.append(t)
-    known = [h for h, _ in blocks if h is not None]
     arr = np.array(amounts, dtype=np.float64)
     return PriceReport(
         estimate=estimate(arr),
@@ -124,9 +130,9 @@ def price_blocks(blocks: Sequence[tuple[int | None, Block]]) -> PriceReport:
         rejected={r.value: flt.rejected.get(r, 0) for r in Reject},
         first_height=min(known) if known else None,
         last_height=max(known) if known else None,
-        first_time=min((b.header.time for _, b in blocks), default=None),
-        last_time=max((b.header.time for _, b in blocks), default=None),
-        blocks=len(blocks),
+        first_time=min(block_times, default=None),
+        last_time=max(block_times, default=None),
+        blocks=len(block_times),
         amounts=arr,
         heights=np.array(heights, dtype=np.int64),
         times=np.array(times, dtype=np.int64),
