@@ -294,6 +294,7 @@ async def run_replay(
     hwm: int = 1000,
     wait_for_subscriber: bool = False,
     block_pause: float = 0.0,
+    burst: int = 0,
     task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Publish ``blocks`` over ZMQ in Core's format, in the order given.
@@ -308,7 +309,11 @@ async def run_replay(
     endpoint or None. ``task_status.started`` receives the dict topic ->
     bound endpoint once the sockets are bound. With ``wait_for_subscriber``
     nothing is published until every topic has a subscriber. ``block_pause``
-    seconds are slept after each block connects.
+    seconds are slept after each block connects. The first ``burst`` mempool
+    transactions of every pass are published back to back, as a node that
+    starts with a full mempool would relay them, and the rest at ``rate``:
+    every pass keeps the same timing, so each transaction comes back exactly
+    one pass after its previous copy.
 
     The block announcement is a burst (every ``rawtx`` of the block at once),
     as from Core; with the default ``hwm`` of 1000, a subscriber that cannot
@@ -338,11 +343,16 @@ async def run_replay(
         next_at = trio.current_time()
         rounds = 0
         while True:
+            sent_this_pass = 0
             for block in decoded:
                 for tx in block.txs:
                     if tx.is_coinbase:
                         continue
-                    if interval:
+                    sent_this_pass += 1
+                    if sent_this_pass <= burst:
+                        await trio.lowlevel.checkpoint()
+                        next_at = trio.current_time()
+                    elif interval:
                         next_at += interval
                         await trio.sleep_until(next_at)
                     else:
@@ -394,6 +404,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pause after each block connects",
     )  # fmt: skip
     parser.add_argument(
+        "--burst", type=int, default=0, metavar="N",
+        help="publish the first N mempool transactions of every pass at once",
+    )  # fmt: skip
+    parser.add_argument(
         "--once",
         action="store_true",
         help="stop after the last block instead of looping",
@@ -408,6 +422,9 @@ def run(args: argparse.Namespace) -> int:
     """
     if args.rate < 0:
         print("fiatprint replay: --rate must be >= 0", file=sys.stderr)
+        return 2
+    if args.burst < 0:
+        print("fiatprint replay: --burst must be >= 0", file=sys.stderr)
         return 2
     try:
         blocks = [rb.block for rb in load_blocks(args.blocks)]
@@ -431,6 +448,7 @@ def run(args: argparse.Namespace) -> int:
                     loop=not args.once,
                     hwm=args.hwm,
                     block_pause=args.block_pause,
+                    burst=args.burst,
                     task_status=task_status,
                 )
             )

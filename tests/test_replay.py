@@ -189,3 +189,33 @@ def test_replay_subcommand_rejects_a_bad_block_file(tmp_path, capsys) -> None:
         f"fiatprint replay: {bad}: not a valid block: transaction count 4 larger "
         "than the 19 bytes left at byte 80\n"
     )
+
+
+async def test_burst_publishes_the_first_n_of_every_pass_back_to_back(
+    autojump_clock: trio.testing.MockClock, monkeypatch
+) -> None:
+    # Publication times on trio's virtual clock: the first `burst` mempool
+    # transactions of each pass at once, the rest `1/rate` apart, and every
+    # pass with the same timing.
+    published: list[tuple[float, str]] = []
+    original = CorePublisher.publish_mempool_tx
+
+    def spy(self, raw, txid, mempool_seq):
+        published.append((trio.current_time(), txid[::-1].hex()))
+        return original(self, raw, txid, mempool_seq)
+
+    monkeypatch.setattr(CorePublisher, "publish_mempool_tx", spy)
+    block = parse_block(BLOCK_553724.read_bytes())
+    ep = "tcp://127.0.0.1:0"
+    with trio.move_on_after(0.95):  # two passes of 0.4 s, then part of a third
+        await run_replay(
+            [block],
+            endpoints={"rawtx": ep, "sequence": ep},
+            rate=5.0,
+            loop=True,
+            burst=2,
+        )
+    times = [t for t, _ in published]
+    assert [tx for _, tx in published[:3]] == [tx.txid_hex for tx in block.txs[1:]]
+    assert times[:9] == [0.0, 0.0, 0.2, 0.2, 0.2, 0.4, 0.4, 0.4, 0.6000000000000001]
+    assert published[3][1] == published[0][1]
