@@ -217,7 +217,8 @@ async def test_fiatprint_serve_under_systemd_notify(tmp_path: Path) -> None:
     """``fiatprint serve`` as a subprocess with NOTIFY_SOCKET and WATCHDOG_USEC:
     READY=1 arrives when the HTTP port already answers, then WATCHDOG=1 pings
     while the replayed feed flows, then none once the feed has stopped and
-    gone stale (the status line says why)."""
+    gone stale (the status line says why); SIGTERM brings STOPPING=1 and
+    exit status 0."""
     pytest.importorskip("oracle.service")
     from oracle.replay import run_replay
 
@@ -291,13 +292,22 @@ async def test_fiatprint_serve_under_systemd_notify(tmp_path: Path) -> None:
                             msg = await listener.recv(4096)
                             messages.append(msg)
                             pinged_while_stale |= msg == b"WATCHDOG=1"
-            finally:
+                # SIGTERM: STOPPING=1, then a clean exit
                 proc.terminate()
-                with trio.move_on_after(10):
+                with trio.move_on_after(20):
+                    while True:
+                        msg = await listener.recv(4096)
+                        messages.append(msg)
+                        if msg == b"STOPPING=1":
+                            break
+                with trio.move_on_after(20):
                     await proc.wait()
+            finally:
                 proc.kill()
                 await proc.wait()
     listener.close()
+    assert messages[-1] == b"STOPPING=1", messages[-5:]
+    assert proc.returncode == 0
     assert stopped_pinging, (
         "watchdog still pinging 20 s after the feed stopped "
         f"(stale_seconds=2): {messages[-5:]}"
