@@ -302,10 +302,17 @@ def _from_text(name: str, kind: _Kind, text: str) -> Any:
 
 
 def _from_flag(name: str, kind: _Kind, raw: object) -> Any:
-    """Convert a flag value: text, or a bool from ``--name/--no-name``."""
+    """Convert a flag value: text, a bool from ``--name/--no-name``, or a
+    value another parser already converted to the field's type."""
     if isinstance(raw, str):
         return _from_text(name, kind, raw)
-    if kind.base is bool and isinstance(raw, bool):
+    if raw is None and kind.optional:
+        return None
+    if isinstance(raw, bool) != (kind.base is bool):
+        raise ValueError(f"{_show(name, raw)} has the wrong type")
+    if kind.base is float and isinstance(raw, int | float):
+        return float(raw)
+    if isinstance(raw, kind.base):
         return raw
     raise ValueError(f"{_show(name, raw)} has the wrong type")
 

@@ -243,3 +243,15 @@ def test_fiatprint_config_exits_2_naming_every_problem(monkeypatch, capsys) -> N
         "fiatprint: host: must not be empty (from --host)\n"
         "fiatprint: port: 70000 is not a port (from FIATPRINT_PORT)\n"
     )
+
+
+def test_values_another_parser_already_converted_are_accepted() -> None:
+    args = argparse.Namespace(port=9000, stale_seconds=5, history_path=None)
+    s = load_settings(args, {"FIATPRINT_HISTORY_PATH": "/x.sqlite"})
+    assert (s.port, s.stale_seconds, s.history_path) == (9000, 5.0, None)
+    assert _error(argparse.Namespace(port=9.5), {}) == (
+        "port: 9.5 has the wrong type (from --port)"
+    )
+    assert _error(argparse.Namespace(port=True), {}) == (
+        "port: True has the wrong type (from --port)"
+    )
