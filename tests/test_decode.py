@@ -18,6 +18,7 @@ import struct
 import tracemalloc
 from pathlib import Path
 
+import attrs
 import pytest
 from bitcoin.core import CBlock, CTransaction
 
@@ -26,6 +27,7 @@ from oracle.decode import (
     Block,
     DecodeError,
     Tx,
+    TxOut,
     double_sha256,
     merkle_root,
     parse_block,
@@ -139,6 +141,39 @@ def test_block_hash_and_txid_of_a_known_block_in_display_order() -> None:
     ]
     assert b.header.nonce == 274148111
     assert b.header.bits == 0x1B04864C
+
+
+def test_merkle_root_edge_cases() -> None:
+    with pytest.raises(ValueError):
+        merkle_root([])
+    one = double_sha256(b"x")
+    assert merkle_root([one]) == one
+    a, b, c = (double_sha256(bytes([i])) for i in range(3))
+    # An odd level repeats its last hash.
+    ab, cc = double_sha256(a + b), double_sha256(c + c)
+    assert merkle_root([a, b, c]) == double_sha256(ab + cc)
+    assert merkle_root([a, b, c, c]) == merkle_root([a, b, c])
+
+
+def test_witness_commitment_absent_before_segwit_and_last_one_wins() -> None:
+    assert witness_commitment(block(block_file(200000))) is None
+    # A witness-stripped block keeps the commitment output in its coinbase
+    # but lost the data to check it against.
+    stripped = block(block_file(630000))
+    assert witness_commitment(stripped) is not None
+    assert stripped.txs[0].witness == ()
+    b = block(block_file(702861))
+    coinbase = b.txs[0]
+    real = witness_commitment(b)
+    assert real is not None
+    decoy = TxOut(0, bytes.fromhex("6a24aa21a9ed") + b"\x07" * 32)
+    for outputs, expected in (
+        ((*coinbase.outputs, decoy), b"\x07" * 32),
+        ((decoy, *coinbase.outputs), real),
+        ((TxOut(0, decoy.script[:37]), *coinbase.outputs[:1]), None),
+    ):
+        changed = attrs.evolve(b, txs=(attrs.evolve(coinbase, outputs=outputs),))
+        assert witness_commitment(changed) == expected
 
 
 # ------------------------------------------------ field by field, vs bitcoinlib
