@@ -15,6 +15,12 @@ millisecond, a client that keeps misbehaving) to one line per burst: the
 first occurrence is logged, the rest within ``interval`` seconds are counted,
 and the count is reported as ``suppressed=N`` on the next line for the same
 key or by :meth:`RateLimitedLog.flush`.
+
+This module shares its name with the standard library's ``logging``, which
+it imports; that works because the package is imported as ``oracle``. Run
+the command as ``fiatprint`` or ``python -m oracle.cli``: running a file
+inside ``oracle/`` as a script puts this directory first on ``sys.path`` and
+this module then shadows the standard one.
 """
 
 from __future__ import annotations
