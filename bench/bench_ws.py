@@ -273,7 +273,12 @@ async def server_main(mode: str, seconds: float) -> None:
 
 
 async def clients_main(url: str, n: int) -> None:
-    from trio_websocket import ConnectionClosed, open_websocket_url
+    from trio_websocket import (
+        ConnectionClosed,
+        ConnectionTimeout,
+        HandshakeError,
+        open_websocket_url,
+    )
 
     ws_url = "ws" + url[4:] + "/ws"
     est_lat: list[float] = []
@@ -284,22 +289,26 @@ async def clients_main(url: str, n: int) -> None:
     all_ready = trio.Event()
     done = 0
     lost = 0
+    gaps = 0
     all_done = trio.Event()
 
     async def one() -> None:
         nonlocal ready, done, lost
         try:
             await receive_all()
-        except ConnectionClosed:
+        except (ConnectionClosed, ConnectionTimeout, HandshakeError, OSError):
             lost += 1
         done += 1
         if done == n:
             all_done.set()
 
     async def receive_all() -> None:
-        nonlocal ready
-        async with open_websocket_url(ws_url, max_message_size=2**26) as ws:
+        nonlocal ready, gaps
+        async with open_websocket_url(
+            ws_url, max_message_size=2**26, connect_timeout=600
+        ) as ws:
             await ws.get_message()  # snapshot
+            got_burst = False
             ready += 1
             if ready == n:
                 all_ready.set()
@@ -312,11 +321,25 @@ async def clients_main(url: str, n: int) -> None:
                     mark = msg["mempool_outputs"]
                     if mark == STOP_MARK:
                         break
-                    if mark == BURST_MARK:
+                    if mark == BURST_MARK and not got_burst:
+                        got_burst = True
                         burst_done.append(now)
                         burst_start.append(msg["updated"])
                     else:
                         est_lat.append(now - msg["updated"])
+                elif '"type":"snapshot"' in head or '"type":"gap"' in head:
+                    # Skipped ahead: the snapshot holds the newest estimate.
+                    msg = json.loads(text)
+                    if msg["type"] == "gap":
+                        gaps += 1
+                        continue
+                    mark = (msg["estimate"] or {}).get("mempool_outputs")
+                    if mark == STOP_MARK:
+                        break
+                    if mark == BURST_MARK and not got_burst:
+                        got_burst = True
+                        burst_done.append(now)
+                        burst_start.append(msg["estimate"]["updated"])
                 elif '"type":"points"' in head:
                     # Only the first point is parsed: decoding whole batches
                     # here would make the client process the bottleneck.
@@ -342,6 +365,7 @@ async def clients_main(url: str, n: int) -> None:
                 "burst_absorb": absorb,
                 "burst_clients": len(burst_done),
                 "lost": lost,
+                "gaps": gaps,
             }
         ),
         flush=True,
@@ -423,6 +447,7 @@ def run_one(mode: str, n: int, seconds: float) -> dict[str, Any]:
         "burst_clients": result["burst_clients"],
         "burst_points": burst_points,
         "lost": result["lost"],
+        "gaps": result["gaps"],
     }
 
 
@@ -450,7 +475,7 @@ def main() -> None:
     )
     header = (
         f"{'fan-out':8} {'clients':>7} {'est p50':>8} {'est p99':>8} {'pts p50':>8}"
-        f" {'pts p99':>8} {'srv CPU':>8} {'burst':>9}"
+        f" {'pts p99':>8} {'srv CPU':>8} {'burst':>9} {'gaps':>6}"
     )
     print(header)
     print(" " * 17 + "(ms)     (ms)     (ms)     (ms)     (%)      (ms)")
@@ -463,6 +488,7 @@ def main() -> None:
                 f" {r['est_p99']:8.1f} {r['pts_p50']:8.1f} {r['pts_p99']:8.1f}"
                 f" {r['cpu']:8.1f}"
                 f" {r['burst']:9.1f}"
+                + f" {r['gaps']:6d}"
                 + (f"  ({r['lost']} clients lost)" if r["lost"] else ""),
                 flush=True,
             )
