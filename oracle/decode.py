@@ -158,8 +158,8 @@ class BlockHeader:
 class Block:
     header: BlockHeader
     txs: tuple[Tx, ...]
-    #: Height from the BIP34 push in the coinbase script, or None where the
-    #: coinbase does not start with a plausible height push (before BIP34).
+    #: Height from the BIP34 push in the coinbase script; None for a
+    #: version-1 block. Trustworthy from height 227931, where BIP34 is enforced.
     bip34_height: int | None
     size: int
 
@@ -335,7 +335,13 @@ def parse_header(data: bytes, offset: int = 0) -> BlockHeader:
     return BlockHeader(version, prev, merkle, time, bits, nonce, double_sha256(raw))
 
 
-def _bip34_height(coinbase: Tx) -> int | None:
+def _bip34_height(coinbase: Tx, version: int) -> int | None:
+    # BIP34 blocks have version 2 or more; a version-1 coinbase's first push
+    # is arbitrary (block 100000's is the header's bits), so it gives None.
+    # Between the first version-2 blocks and BIP34's enforcement at height
+    # 227931 a push is a height only by convention.
+    if version < 2:
+        return None
     script = coinbase.inputs[0].script if coinbase.inputs else b""
     if not script:
         return None
@@ -369,7 +375,7 @@ def parse_block(data: bytes) -> Block:
         txs.append(tx)
     if pos != end:
         raise DecodeError(f"{end - pos} trailing bytes after the last transaction", pos)
-    height = _bip34_height(txs[0]) if txs[0].is_coinbase else None
+    height = _bip34_height(txs[0], header.version) if txs[0].is_coinbase else None
     return Block(header, tuple(txs), height, end)
 
 
@@ -384,7 +390,9 @@ def peek_block(data: bytes) -> tuple[BlockHeader, int | None]:
     header = parse_header(data)
     _n, pos = _count(data, _HEADER_LEN, len(data), "transaction", _MIN_TX)
     coinbase, _ = _tx_at(data, pos, len(data))
-    return header, _bip34_height(coinbase) if coinbase.is_coinbase else None
+    return header, _bip34_height(
+        coinbase, header.version
+    ) if coinbase.is_coinbase else None
 
 
 def merkle_root(hashes: list[bytes]) -> bytes:

@@ -169,14 +169,24 @@ class Histogram:
     )
 
     def add(self, amounts_btc: FloatArray) -> None:
-        np.add.at(self.counts, bin_indices(np.asarray(amounts_btc, np.float64)), 1)
+        """Count each amount once. Raises ValueError for a negative or
+        non-finite amount, leaving the counts unchanged."""
+        self.counts += np.bincount(self._bins(amounts_btc), minlength=N_BINS)
 
     def remove(self, amounts_btc: FloatArray) -> None:
-        idx = bin_indices(np.asarray(amounts_btc, np.float64))
-        np.subtract.at(self.counts, idx, 1)
-        if (self.counts[idx] < 0).any():
-            np.add.at(self.counts, idx, 1)
+        """Uncount each amount once. Raises ValueError, leaving the counts
+        unchanged, for an amount that is not counted."""
+        delta = np.bincount(self._bins(amounts_btc), minlength=N_BINS)
+        if (delta > self.counts).any():
             raise ValueError("removed an amount that was never added")
+        self.counts -= delta
+
+    @staticmethod
+    def _bins(amounts_btc: FloatArray) -> npt.NDArray[np.intp]:
+        amounts = np.asarray(amounts_btc, np.float64)
+        if not np.all(np.isfinite(amounts) & (amounts >= 0)):
+            raise ValueError("amounts must be finite and not negative")
+        return bin_indices(amounts)
 
     @property
     def total(self) -> int:

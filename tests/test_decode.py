@@ -112,19 +112,19 @@ def test_real_block_decodes_and_proves_itself(name: str) -> None:
 @pytest.mark.parametrize(
     ("height", "found"),
     [
-        (100000, 453281356),  # the push is the header's bits, 0x1b04864c
-        (150013, 436956491),
-        (169482, None),  # the script starts with OP_0
-        (200000, 200000),  # some miners pushed the height before BIP34
-        (227835, 1364140153),  # the block's timestamp
+        (100000, None),  # version 1: the first push is the header's bits
+        (150013, None),  # version 1
+        (169482, None),  # version 1, the script starts with OP_0
+        (200000, 200000),  # version 2 blocks pushed the height before BIP34
+        (227835, None),  # version 1: the first push is the block's timestamp
         (227836, 227836),
     ],
 )
-def test_before_bip34_the_first_push_is_reported_as_found(
+def test_before_bip34_only_version_2_blocks_report_a_height(
     height: int, found: int | None
 ) -> None:
-    # Before height 227931 the coinbase script is free-form: the decoder
-    # reports the leading push, which need not be the height.
+    # Before height 227931 the coinbase script is free-form; a version-1
+    # block's leading push is not a height and is not reported as one.
     assert block(block_file(height)).bip34_height == found
 
 
