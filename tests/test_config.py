@@ -212,6 +212,7 @@ def test_the_example_deploy_file_loads() -> None:
         "tcp://127.0.0.1:28334",
     )
     assert (s.host, s.port, s.network) == ("127.0.0.1", 8080, "main")
+    assert s.web_dir == Path("/opt/fiatprint/src/web")
 
 
 def test_fiatprint_config_prints_settings_with_sources(
