@@ -56,6 +56,11 @@ __all__ = [
 ]
 
 _HERE = Path(__file__).resolve().parent
+# A source checkout (or editable install) has the page in the top-level web/;
+# a wheel installs the same files as oracle/web.
+_WEB_DIR = _HERE.parent / "web"
+if not (_WEB_DIR / "index.html").is_file():
+    _WEB_DIR = _HERE / "web"
 
 #: Environment variables for settings are this prefix plus the upper-case name.
 ENV_PREFIX: Final = "FIATPRINT_"
@@ -177,7 +182,7 @@ class Settings:
     # --- HTTP
     host: str = _field("127.0.0.1", "address the HTTP server binds", _non_empty)
     port: int = _field(8080, "TCP port of the HTTP server (0: any free)", _port)
-    web_dir: Path = _field(_HERE.parent / "web", "directory of the web page")
+    web_dir: Path = _field(_WEB_DIR, "directory of the web page")
     # --- RPC (None means: not configured, run from ZMQ alone)
     network: str = _field("main", "the node's chain", _one_of(NETWORKS))
     rpc_url: str | None = _field(None, "the node's JSON-RPC URL", _http_url)
