@@ -12,9 +12,10 @@ never grows without bound:
 * at most one unsent ``estimate`` frame is kept per client: a newer estimate
   replaces an older one that has not been sent yet;
 * at most ``queue_size`` frames in total are kept per client. When a client
-  falls further behind, its pending frames are thrown away and it is sent a
-  ``gap`` frame (how many frames it missed) followed by a fresh ``snapshot``,
-  which holds the newest state. The client skips ahead instead of catching up.
+  falls further behind, its oldest waiting ``points`` frame is thrown away
+  and it is told so by a ``gap`` frame: it skips ahead instead of queueing.
+  Only if nothing but block and status frames are waiting is everything
+  dropped, and the client sent a ``gap`` and then a fresh ``snapshot``.
 
 Snapshots are built lazily, at most once per update, and shared by every client
 that asks for one before the next update arrives. Point and block JSON is kept
@@ -70,7 +71,7 @@ MAX_POINTS: Final = 20_000
 #: Default number of recent block events kept for snapshots.
 MAX_BLOCKS: Final = 32
 #: Default bound on the frames waiting to be sent to one client.
-QUEUE_SIZE: Final = 16
+QUEUE_SIZE: Final = 64
 
 
 def _finite(x: float | None) -> float | None:
@@ -147,7 +148,7 @@ class FanOutStatistics:
       pending_total: frames waiting, summed over clients (references to shared
         frames, not copies).
       dropped: frames thrown away for clients that fell behind, since start.
-      gaps: times a client was sent a ``gap`` and a fresh snapshot.
+      gaps: ``gap`` frames sent, over all clients.
       snapshots_built: snapshots serialised since start.
       points: points kept for snapshots.
       blocks: block events kept for snapshots.
@@ -170,22 +171,36 @@ class Subscription:
     """One client's view of the fan-out; made by :meth:`FanOut.subscribe`.
 
     The first frame :meth:`receive` returns is always a ``snapshot``. After
-    that come update frames in publication order, except that an unsent
-    ``estimate`` is replaced by a newer one, and that a client more than
-    ``queue_size`` frames behind gets a ``gap`` frame and a new snapshot
-    instead of the frames it missed.
+    that come update frames in publication order, except that
+
+    * an unsent ``estimate`` is replaced by a newer one (not counted as a gap:
+      nothing the client needs is lost);
+    * when ``queue_size`` frames are waiting and another arrives, the oldest
+      waiting ``points`` frame is dropped, and the client is sent a ``gap``
+      frame (``resync: false``) before its next frame;
+    * if none of the waiting frames is a ``points`` frame (a client stuck
+      behind ``queue_size`` block and status frames), everything waiting is
+      dropped and the client gets a ``gap`` (``resync: true``) then a fresh
+      ``snapshot``.
+
+    Dropping the oldest points keeps what a lagging client holds to the most
+    recent frames, the same string objects every other lagging client holds,
+    so many stuck clients together keep about ``queue_size`` frames alive,
+    not ``queue_size`` each.
     """
 
     _fanout: FanOut
     queue_size: int
-    _pending: collections.deque[str] = attrs.field(factory=collections.deque)
-    _pending_estimate: str | None = None
+    _pending: collections.deque[tuple[str, str]] = attrs.field(
+        factory=collections.deque
+    )
+    _pending_estimate: tuple[str, str] | None = None
     _needs_snapshot: bool = True
     _gap_dropped: int = 0
     _pong: bool = False
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
     _closed: bool = False
-    #: Frames this client skipped, in total.
+    #: Frames this client skipped, in total (superseded estimates included).
     dropped: int = 0
 
     @property
@@ -193,26 +208,36 @@ class Subscription:
         """Frames waiting to be sent (a pending snapshot counts as one)."""
         return len(self._pending) + int(self._needs_snapshot) + int(self._pong)
 
-    def _offer(self, frame: str, *, is_estimate: bool) -> int:
-        """Queue ``frame``; return how many frames were dropped to do so."""
+    def _offer(self, kind: str, frame: str) -> int:
+        """Queue ``frame`` of ``kind``; return how many frames were dropped."""
         if self._closed or self._needs_snapshot:
             # Whatever is published now is part of the snapshot still to come.
             return 0
+        item = (kind, frame)
         dropped = 0
-        if is_estimate and self._pending_estimate is not None:
+        if kind == "estimate" and self._pending_estimate is not None:
             self._pending.remove(self._pending_estimate)
+            self._pending_estimate = None
             dropped = 1
         if len(self._pending) >= self.queue_size:
-            dropped += len(self._pending) + 1
-            self._pending.clear()
-            self._pending_estimate = None
-            self._needs_snapshot = True
-            self._gap_dropped += dropped
-            self._fanout._gaps += 1
-        else:
-            self._pending.append(frame)
-            if is_estimate:
-                self._pending_estimate = frame
+            oldest = next((p for p in self._pending if p[0] == "points"), None)
+            if oldest is not None:
+                self._pending.remove(oldest)
+                dropped += 1
+                self._gap_dropped += 1
+            else:
+                skipped = len(self._pending) + 1
+                dropped += skipped
+                self._gap_dropped += skipped
+                self._pending.clear()
+                self._pending_estimate = None
+                self._needs_snapshot = True
+                self.dropped += dropped
+                self._wakeup.set()
+                return dropped
+        self._pending.append(item)
+        if kind == "estimate":
+            self._pending_estimate = item
         self.dropped += dropped
         self._wakeup.set()
         return dropped
@@ -227,26 +252,28 @@ class Subscription:
         if self._pong:
             self._pong = False
             return _dumps({"v": PROTOCOL_VERSION, "type": "pong"})
+        if self._gap_dropped:
+            frame = _dumps(
+                {
+                    "v": PROTOCOL_VERSION,
+                    "type": "gap",
+                    "dropped": self._gap_dropped,
+                    "resync": self._needs_snapshot,
+                }
+            )
+            self._gap_dropped = 0
+            self._fanout._gaps += 1
+            return frame
         if self._needs_snapshot:
-            if self._gap_dropped:
-                frame = _dumps(
-                    {
-                        "v": PROTOCOL_VERSION,
-                        "type": "gap",
-                        "dropped": self._gap_dropped,
-                    }
-                )
-                self._gap_dropped = 0
-                return frame
             self._needs_snapshot = False
             self._pending.clear()
             self._pending_estimate = None
             return self._fanout.snapshot_frame()
         if self._pending:
-            frame = self._pending.popleft()
-            if frame is self._pending_estimate:
+            item = self._pending.popleft()
+            if item is self._pending_estimate:
                 self._pending_estimate = None
-            return frame
+            return item[1]
         return None
 
     async def receive(self) -> str:
@@ -370,14 +397,13 @@ class FanOut:
         """
         self._seq += 1
         seq = self._seq
-        is_estimate = False
         if isinstance(update, EstimateUpdate):
             fields = estimate_fields(update)
             self._estimate = fields
             frame = _dumps(
                 {"v": PROTOCOL_VERSION, "type": "estimate", "seq": seq, **fields}
             )
-            is_estimate = True
+            kind = "estimate"
         elif isinstance(update, PointsBatch):
             parts = [_point_json(p) for p in update.points]
             self._points.extend(parts)
@@ -385,12 +411,14 @@ class FanOut:
                 f'{{"v":{PROTOCOL_VERSION},"type":"points","seq":{seq},'
                 f'"points":[{",".join(parts)}]}}'
             )
+            kind = "points"
         elif isinstance(update, BlockEvent):
             fields = _block_fields(update)
             self._blocks.append(fields)
             frame = _dumps(
                 {"v": PROTOCOL_VERSION, "type": "block", "seq": seq, **fields}
             )
+            kind = "block"
         elif isinstance(update, StatusChange):
             fields = _status_fields(update)
             self._status[update.component] = fields
@@ -403,13 +431,14 @@ class FanOut:
                     **fields,
                 }
             )
+            kind = "status"
         else:
             self._seq -= 1
             raise TypeError(f"not an update: {type(update).__name__}")
         self._published += 1
         dropped = 0
         for sub in self._subs:
-            dropped += sub._offer(frame, is_estimate=is_estimate)
+            dropped += sub._offer(kind, frame)
         if dropped:
             self._dropped += dropped
             if self.metrics is not None:

@@ -70,7 +70,7 @@ async def good_round(
 async def test_client_that_never_reads_is_bounded_and_harmless() -> None:
     _, points, _ = block_updates()
     fan = FanOut(metrics=Metrics())
-    rounds = 60
+    rounds = 100
     seen: list[tuple[int, float]] = []
     pending_max = 0
     with trio.fail_after(60):
@@ -86,10 +86,12 @@ async def test_client_that_never_reads_is_bounded_and_harmless() -> None:
     # Every estimate reached the good client, in order, none skipped.
     assert [t for _, t in seen] == [float(i) for i in range(rounds)]
     assert [s for s, _ in seen] == [2 * i + 2 for i in range(rounds)]
-    # The stuck client was skipped ahead instead of queueing: ~18 MB of
-    # frames were published to it, yet it never held more than QUEUE_SIZE.
-    assert pending_max <= QUEUE_SIZE
-    assert stats.gaps >= 1 and stats.dropped >= QUEUE_SIZE
+    # The stuck client was skipped ahead instead of queueing: ~30 MB of
+    # frames were published to it; its queue filled to QUEUE_SIZE and stayed
+    # there, its oldest points frames dropped (all points: the estimate slot
+    # keeps one estimate).
+    assert pending_max == QUEUE_SIZE
+    assert stats.dropped > 0
     assert server.metrics.dropped_frames._value.get() == stats.dropped
 
 

@@ -149,25 +149,42 @@ async def test_updates_follow_snapshot_in_order_and_frames_are_shared() -> None:
     assert len(decoded[1]["points"]) == update.estimate.point_count
 
 
-async def test_lagging_client_skips_ahead_with_gap_and_fresh_snapshot() -> None:
+async def test_lagging_client_loses_oldest_points_and_is_told() -> None:
     update, points, _ = block_updates()
     metrics = Metrics()
     fan = FanOut(metrics=metrics, queue_size=4)
     with fan.subscribe() as slow:
         with trio.fail_after(5):
             await slow.receive()  # the initial snapshot
+            fan.publish(estimate_at(update, 1.0))
             for i in range(10):
                 fan.publish(PointsBatch(points.points[i : i + 1]))
-            # 4 queued, the 5th overflowed: all 5 dropped, then 5 more
-            # absorbed by the snapshot still to come.
-            assert slow.pending == 1
+            # Four frames fit: the estimate stays, the oldest points go.
+            assert slow.pending == 4
+            got = [json.loads(await slow.receive()) for _ in range(5)]
+    assert got[0] == {"v": 1, "type": "gap", "dropped": 7, "resync": False}
+    assert got[1]["type"] == "estimate" and got[1]["seq"] == 1
+    assert [g["seq"] for g in got[2:]] == [9, 10, 11]
+    assert [g["points"][0][3] for g in got[2:]] == [p.txid for p in points.points[7:10]]
+    assert fan.statistics().dropped == 7
+    assert fan.statistics().gaps == 1
+    assert metrics.dropped_frames._value.get() == 7
+
+
+async def test_client_stuck_behind_status_frames_gets_a_fresh_snapshot() -> None:
+    fan = FanOut(queue_size=3)
+    with fan.subscribe() as slow:
+        with trio.fail_after(5):
+            await slow.receive()
+            for i in range(5):
+                fan.publish(StatusChange(f"c{i}", "ok", "", float(i)))
             gap = json.loads(await slow.receive())
             snap = json.loads(await slow.receive())
-    assert gap == {"v": 1, "type": "gap", "dropped": 5}
-    assert snap["type"] == "snapshot" and snap["seq"] == 10
-    assert [p[3] for p in snap["points"]] == [p.txid for p in points.points[:10]]
-    assert fan.statistics().dropped == 5
-    assert metrics.dropped_frames._value.get() == 5
+    # c0..c2 queued, c3 overflowed with nothing droppable: all 4 skipped,
+    # c4 is part of the snapshot still to come.
+    assert gap == {"v": 1, "type": "gap", "dropped": 4, "resync": True}
+    assert snap["type"] == "snapshot" and snap["seq"] == 5
+    assert sorted(snap["status"]) == ["c0", "c1", "c2", "c3", "c4"]
 
 
 async def test_unsent_estimate_is_replaced_by_newer_one() -> None:

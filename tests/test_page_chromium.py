@@ -45,10 +45,12 @@ CHROMIUM = next(
 PRICE_TEXT = "$42,952"  # block 702861: 42951.63645734903
 
 
-def demo_updates(now: float) -> list[Any]:
+def demo_updates(now: float, older_copies: int = 0) -> list[Any]:
     """What the server publishes: status, the block, its points (first half
     confirmed at the block, second half as if still in the mempool over the
-    last ten minutes) and the block's estimate."""
+    last ten minutes) and the block's estimate. ``older_copies`` adds that
+    many copies of all the block's points, confirmed at earlier times, before
+    the rest (7 copies fill the fan-out's 20,000-point snapshot)."""
     import attrs
     from test_fanout import block_updates, estimate_at
 
@@ -62,24 +64,29 @@ def demo_updates(now: float) -> list[Any]:
         attrs.evolve(p, confirmed=False, time=now - 600 + 600 * i / (len(pts) - half))
         for i, p in enumerate(pts[half:])
     )
+    older = [
+        PointsBatch(tuple(attrs.evolve(p, time=now - 1300 - 600 * c) for p in pts))
+        for c in range(older_copies)
+    ]
     return [
         StatusChange("zmq", "ok", "rawtx and sequence flowing", now),
         StatusChange("node", "synced", "height 702861", now),
         attrs.evolve(event, time=now - 700),
+        *older,
         PointsBatch(confirmed),
         PointsBatch(mempool),
         estimate_at(update, now - 2),
     ]
 
 
-async def _serve(port: int) -> None:
+async def _serve(port: int, older_copies: int) -> None:
     from oracle.app import create_app, serve_http
     from oracle.config import Settings
     from oracle.fanout import FanOut
     from oracle.metrics import Metrics
 
     fan = FanOut(metrics=Metrics())
-    for u in demo_updates(time.time()):
+    for u in demo_updates(time.time(), older_copies):
         fan.publish(u)
     settings = Settings(host="127.0.0.1", port=port)
     app = create_app(
@@ -90,12 +97,12 @@ async def _serve(port: int) -> None:
         print("URL", urls[0], flush=True)
 
 
-async def start_server(port: int) -> tuple[trio.Process, str]:
+async def start_server(port: int, older_copies: int = 0) -> tuple[trio.Process, str]:
     """Run this file as the server on ``port`` (0: any); return it and its
     URL once it listens."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     proc = await trio.lowlevel.open_process(
-        [sys.executable, __file__, str(port)],
+        [sys.executable, __file__, str(port), str(older_copies)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         cwd=ROOT,
@@ -153,6 +160,26 @@ class Cdp:
             await trio.sleep(0.05)
 
 
+MAX_POINTS = 20_000
+
+#: Index and page coordinates of the first point drawn on the canvas, whose
+#: dot has no other within hover range, so the tooltip must name it.
+FIRST_DRAWN = """(() => {
+  const f = window.fiatprint, xy = f.xy, n = xy.length / 2;
+  const r = document.getElementById('cloud').getBoundingClientRect();
+  for (let i = 0; i < n; i++) {
+    const x = xy[2 * i], y = xy[2 * i + 1];
+    if (Number.isNaN(x)) continue;
+    let alone = true;
+    for (let j = 0; j < n && alone; j++) {
+      if (j === i || Number.isNaN(xy[2 * j])) continue;
+      if (Math.hypot(xy[2 * j] - x, xy[2 * j + 1] - y) < 14) alone = false;
+    }
+    if (alone) return [i, r.left + x + 1, r.top + y + 1];
+  }
+  return null;
+})()"""
+
 COUNT_PIXELS = """(() => {
   const c = document.getElementById('cloud');
   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
@@ -175,6 +202,10 @@ async def test_page_shows_price_draws_clouds_and_reconnects(tmp_path: Path) -> N
     update, points, _ = block_updates()
     lo, hi = update.estimate.band
     in_band = sum(1 for p in points.points if lo <= p.price <= hi)
+    full = [p for u in demo_updates(0.0, 7) if hasattr(u, "points") for p in u.points][
+        -MAX_POINTS:
+    ]
+    in_band_full = sum(1 for p in full if lo <= p.price <= hi)
     profile = tmp_path / "profile"
     profile.mkdir()
     with trio.fail_after(90):
@@ -246,11 +277,37 @@ async def test_page_shows_price_draws_clouds_and_reconnects(tmp_path: Path) -> N
                 )
                 assert "retrying" in text
 
-                server, url2 = await start_server(port)
+                # The restarted server holds a full 20,000-point snapshot.
+                server, url2 = await start_server(port, older_copies=7)
                 assert url2 == url
                 await cdp.wait_for(
-                    s, "window.fiatprint.connected && window.fiatprint.snapshots >= 2"
+                    s,
+                    "window.fiatprint.connected && window.fiatprint.snapshots >= 2"
+                    " && window.fiatprint.drawn > 3000",
                 )
+                assert await cdp.evaluate(s, "window.fiatprint.state.price.length") == (
+                    MAX_POINTS
+                )
+                assert await cdp.evaluate(s, "window.fiatprint.drawn") == in_band_full
+                draw_ms = await cdp.evaluate(s, "window.fiatprint.drawMs")
+                print(f"draw of {MAX_POINTS} points: {draw_ms:.1f} ms")
+
+                # Hovering a dot shows its price, amount and txid.
+                i, x, y = await cdp.evaluate(s, FIRST_DRAWN)
+                await cdp.call(
+                    "Input.dispatchMouseEvent", s, type="mouseMoved", x=x, y=y
+                )
+                tip = await cdp.wait_for(
+                    s,
+                    "!document.getElementById('tip').hidden &&"
+                    " document.getElementById('tip').textContent",
+                )
+                txid = await cdp.evaluate(s, f"window.fiatprint.state.txid[{i}]")
+                assert txid in tip and "implied" in tip and "sats" in tip
+                if keep:
+                    shot = await cdp.call("Page.captureScreenshot", s, format="png")
+                    full = Path(keep).with_name(Path(keep).stem + "-full.png")
+                    full.write_bytes(base64.b64decode(shot["data"]))
                 assert (
                     await cdp.evaluate(
                         s, "document.getElementById('price').textContent"
@@ -271,4 +328,4 @@ async def test_page_shows_price_draws_clouds_and_reconnects(tmp_path: Path) -> N
 
 
 if __name__ == "__main__":
-    trio.run(_serve, int(sys.argv[1]))
+    trio.run(_serve, int(sys.argv[1]), int(sys.argv[2]))

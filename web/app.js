@@ -186,10 +186,11 @@
     return [s[Math.floor(s.length * 0.05)], s[Math.floor(s.length * 0.95)] || s[0] + 1];
   }
 
-  let grid = new Map();   // "cx,cy" -> point indices, rebuilt on every draw
+  let grid = new Map();   // cell key -> point indices, rebuilt on every draw
   let drawnXY = null;     // Float32Array x,y per point (NaN when not drawn)
 
   function draw() {
+    const t0 = performance.now();
     const { ctx, w, h } = sizeCanvas(el.cloud);
     ctx.clearRect(0, 0, w, h);
     const padL = 64, padR = 12, padT = 22, padB = 24, gap = 18;
@@ -263,7 +264,7 @@
         const y = yOf(v);
         ctx.fillRect(x, y, DOT, DOT);
         drawnXY[2 * i] = x; drawnXY[2 * i + 1] = y;
-        const key = `${Math.floor(x / CELL)},${Math.floor(y / CELL)}`;
+        const key = Math.floor(x / CELL) * 65536 + Math.floor(y / CELL);
         const cell = grid.get(key);
         if (cell) cell.push(i); else grid.set(key, [i]);
         drawn++;
@@ -281,6 +282,8 @@
       ctx.setLineDash([]);
     }
     window.fiatprint.drawn = drawn;
+    window.fiatprint.xy = drawnXY;
+    window.fiatprint.drawMs = performance.now() - t0;
     let nc = 0;
     for (let i = 0; i < n; i++) if (state.confirmed[i]) nc++;
     el.nConfirmed.textContent = nc.toLocaleString();
@@ -299,7 +302,7 @@
     let best = -1, bestD = HOVER_RADIUS * HOVER_RADIUS;
     for (let dx = -1; dx <= 1; dx++) {
       for (let dy = -1; dy <= 1; dy++) {
-        const cell = grid.get(`${cx + dx},${cy + dy}`);
+        const cell = grid.get((cx + dx) * 65536 + (cy + dy));
         if (!cell) continue;
         for (const i of cell) {
           const ex = drawnXY[2 * i] + DOT / 2 - mx, ey = drawnXY[2 * i + 1] + DOT / 2 - my;
@@ -465,8 +468,11 @@
         if (window.fiatprint.snapshots > 1) loadHistory();
         break;
       case "gap":
-        notice(`This page fell behind and skipped ${m.dropped} updates; ` +
-          "it has been brought up to date.");
+        notice(m.resync
+          ? `This page fell behind; ${m.dropped} updates were skipped and ` +
+            "it has been brought up to date."
+          : `This page fell behind; ${m.dropped} batches of points were ` +
+            "skipped and are missing from the clouds.");
         setTimeout(() => notice(""), 10000);
         break;
       case "estimate":
