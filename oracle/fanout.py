@@ -52,6 +52,7 @@ from .events import (
     StatusChange,
     Update,
 )
+from .logging import RateLimitedLog
 from .metrics import Metrics
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_bad_update = RateLimitedLog(log, key_fields=("type",))
 
 #: Value of the ``v`` field of every frame.
 PROTOCOL_VERSION: Final = 1
@@ -465,7 +467,7 @@ class FanOut:
                 try:
                     self.publish(update)
                 except TypeError:
-                    log.warning("fanout_bad_update type=%s", type(update).__name__)
+                    _bad_update.warning("fanout_bad_update", type=type(update).__name__)
         self._stopped = True
         for sub in list(self._subs):
             sub._wakeup.set()

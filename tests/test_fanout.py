@@ -245,3 +245,21 @@ def test_publish_rejects_other_types() -> None:
     with pytest.raises(TypeError):
         fan.publish("not an update")  # type: ignore[arg-type]
     assert fan.statistics().seq == 0
+
+
+async def test_run_logs_and_skips_a_non_update(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    update, _, _ = block_updates()
+    fan = FanOut()
+    send, recv = trio.open_memory_channel[object](4)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fan.run, recv)
+            with fan.subscribe() as sub:
+                await sub.receive()
+                await send.send("not an update")
+                await send.send(update)
+                assert json.loads(await sub.receive())["seq"] == 1
+                await send.aclose()
+    assert "fanout_bad_update type=str" in caplog.text
