@@ -56,6 +56,7 @@ from .metrics import Metrics
 
 __all__ = [
     "INTAKE_TOPICS",
+    "RCVHWM",
     "BadFrame",
     "CounterTracker",
     "feed_endpoints",
@@ -74,6 +75,11 @@ _WRAP_SLACK: Final = 2**20
 _COUNTER = struct.Struct("<I").unpack
 _MEMPOOL_SEQ = struct.Struct("<Q").unpack_from
 _SEQ_LEN: Final = {b"C": 33, b"D": 33, b"A": 41, b"R": 41}
+#: Receive high-water mark of each SUB socket, in messages. ZMQ's I/O thread
+#: fills this queue even while the trio thread is busy, so it absorbs a block
+#: announcement's burst of ``rawtx`` (thousands at once) that Core's send
+#: queue (1,000 by default) alone would drop. About 1 KB per queued message.
+RCVHWM: Final = 100_000
 #: Messages handled between two forced checkpoints when no message is sent on
 #: (a flood of malformed frames must not starve other tasks).
 _CHECKPOINT_EVERY: Final = 64
@@ -247,6 +253,7 @@ class _Intake:
             sock = ctx.socket(zmq.SUB)
             try:
                 sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RCVHWM, RCVHWM)
                 for t in sorted(topics):
                     sock.setsockopt(zmq.SUBSCRIBE, t.encode())
                 sock.connect(endpoint)
