@@ -186,6 +186,14 @@ class PointsBatch:
 
 @attrs.frozen
 class BlockEvent:
+    """A block connected to or disconnected from the window's chain.
+
+    With RPC, a block is usually reported twice as ``connected``: first from
+    ``sequence C`` (``height`` None, ``confirmed_txids`` inferred from ZMQ),
+    then from the full block (height known, exact count). Consumers should
+    let the later event replace the earlier one with the same ``hash``.
+    """
+
     hash: str  # display hex
     height: int | None
     time: float
