@@ -399,6 +399,18 @@ class _Actor:
     trouble_at: float | None = None
     feed_status: str = "ok"
     feed_alive: bool = False
+    reported: Counter[Reject] = attrs.field(factory=Counter)
+
+    def _count_rejections(self) -> None:
+        """Add the window's new rejections (feed and full blocks alike) to
+        ``Metrics.filter_rejections``."""
+        if self.metrics is None:
+            return
+        for reason, n in self.window.rejected.items():
+            delta = n - self.reported[reason]
+            if delta > 0:
+                self.metrics.filter_rejections.labels(reason.value).inc(delta)
+                self.reported[reason] = n
 
     def send(self, update: Update) -> bool:
         """Hand ``update`` to the fan-out without waiting; False if dropped."""
@@ -414,11 +426,7 @@ class _Actor:
         m = self.metrics
         if isinstance(event, TxSeen):
             kept = event.kept if event.checked else None
-            new, reason = w.offer(
-                event.tx, event.received, reject=event.reject, kept=kept
-            )
-            if new and reason is not None and m is not None:
-                m.filter_rejections.labels(reason.value).inc()
+            w.offer(event.tx, event.received, reject=event.reject, kept=kept)
         elif isinstance(event, TxAnnounced):
             w.announce(event.txid, event.received)
         elif isinstance(event, TxRemoved):
@@ -452,7 +460,9 @@ class _Actor:
                 )
             )
         elif isinstance(event, Resync):
+            self._count_rejections()
             w.clear()
+            self.reported = Counter()
             self.rough = None
             log.warning(kv("window_resync", reason=event.reason))
             self.send(StatusChange("window", "resync", event.reason, self.clock()))
@@ -468,6 +478,7 @@ class _Actor:
         m = self.metrics
         now = self.clock()
         w.expire(now)
+        self._count_rejections()
         self._feed_status()
         if w.version != self.estimated_version:
             amounts = w.amounts()
