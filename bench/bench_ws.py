@@ -25,8 +25,13 @@ For each fan-out and client count, three processes on 127.0.0.1:
 Fan-outs compared:
 
 ``shared``
-    :class:`oracle.fanout.FanOut`: each update serialised once, every
-    client's bounded queue holds references to the same string.
+    :class:`oracle.fanout.FanOut` as the service runs it (updates through a
+    channel into ``FanOut.run``): each update serialised once, every client's
+    bounded queue holds references to the same string, points coalesced into
+    one frame per 0.25 s.
+``shared-nc``
+    the same without coalescing (one ``points`` frame per transaction), to
+    show what coalescing and what sharing each contribute.
 ``naive``
     :class:`NaiveFanOut` below: each client has an unbounded queue of update
     objects and serialises every update itself with ``json.dumps``, which is
@@ -219,7 +224,12 @@ def stamped(est: Any, t: float, mark: int = 0) -> EstimateUpdate:
 
 async def server_main(mode: str, seconds: float) -> None:
     est, per_tx = real_data()
-    fan: Any = FanOut() if mode == "shared" else NaiveFanOut()
+    if mode == "shared":
+        fan: Any = FanOut()
+    elif mode == "shared-nc":
+        fan = FanOut(points_interval=0.0)
+    else:
+        fan = NaiveFanOut()
     now = time.time()
     preload = [
         attrs.evolve(p, time=now, confirmed=True) for tx in per_tx[:1500] for p in tx
@@ -230,6 +240,12 @@ async def server_main(mode: str, seconds: float) -> None:
     settings = Settings(host="127.0.0.1", port=0)
     app = create_app(fan, settings=settings, health=lambda: {"status": "ok"})
     async with trio.open_nursery() as nursery:
+        publish = fan.publish
+        if isinstance(fan, FanOut):
+            # As the service runs it: updates through a channel into run().
+            send, recv = trio.open_memory_channel[Update](4096)
+            await nursery.start(fan.run, recv)
+            publish = send.send_nowait
         urls = await nursery.start(serve_http, app, settings)
         print("URL", urls[0], flush=True)
         stdin = trio.lowlevel.FdStream(os.dup(0))
@@ -241,10 +257,10 @@ async def server_main(mode: str, seconds: float) -> None:
             await trio.sleep_until(start + tick / TX_PER_SECOND)
             t = time.time()
             tx = per_tx[i % len(per_tx)]
-            fan.publish(PointsBatch(tuple(attrs.evolve(p, time=t) for p in tx)))
+            publish(PointsBatch(tuple(attrs.evolve(p, time=t) for p in tx)))
             i += 1
             if tick % TX_PER_SECOND == 0:
-                fan.publish(stamped(est, t))
+                publish(stamped(est, t))
             tick += 1
         print("STEADY_DONE", flush=True)
         await stdin.receive_some(100)  # "burst"
@@ -254,13 +270,13 @@ async def server_main(mode: str, seconds: float) -> None:
             for tx in per_tx[:BURST_TX]
             for p in tx
         ]
-        fan.publish(BlockEvent("00" * 32, 1, t, "connected", BURST_TX))
+        publish(BlockEvent("00" * 32, 1, t, "connected", BURST_TX))
         for k in range(0, len(burst), BATCH):
-            fan.publish(PointsBatch(tuple(burst[k : k + BATCH])))
-        fan.publish(stamped(est, t, BURST_MARK))
+            publish(PointsBatch(tuple(burst[k : k + BATCH])))
+        publish(stamped(est, t, BURST_MARK))
         print("BURST_POINTS", len(burst), flush=True)
         await stdin.receive_some(100)  # "stop"
-        fan.publish(stamped(est, time.time(), STOP_MARK))
+        publish(stamped(est, time.time(), STOP_MARK))
         # Let every client drain its backlog (the naive fan-out's can be long).
         with trio.move_on_after(300):
             while fan.statistics().pending_total:
@@ -455,7 +471,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("role", nargs="?", default="bench")
     parser.add_argument("--clients", default="100,500,1000")
-    parser.add_argument("--modes", default="shared,naive")
+    parser.add_argument("--modes", default="shared,shared-nc,naive")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--mode", default="shared")
     parser.add_argument("--url")
@@ -474,17 +490,17 @@ def main() -> None:
         flush=True,
     )
     header = (
-        f"{'fan-out':8} {'clients':>7} {'est p50':>8} {'est p99':>8} {'pts p50':>8}"
+        f"{'fan-out':9} {'clients':>7} {'est p50':>8} {'est p99':>8} {'pts p50':>8}"
         f" {'pts p99':>8} {'srv CPU':>8} {'burst':>9} {'gaps':>6}"
     )
     print(header)
-    print(" " * 17 + "(ms)     (ms)     (ms)     (ms)     (%)      (ms)")
+    print(" " * 18 + "(ms)     (ms)     (ms)     (ms)     (%)      (ms)")
     for n in (int(x) for x in args.clients.split(",")):
         for mode in args.modes.split(","):
             r = run_one(mode, n, args.seconds)
             rows.append(r)
             print(
-                f"{r['mode']:8} {r['clients']:7d} {r['est_p50']:8.1f}"
+                f"{r['mode']:9} {r['clients']:7d} {r['est_p50']:8.1f}"
                 f" {r['est_p99']:8.1f} {r['pts_p50']:8.1f} {r['pts_p99']:8.1f}"
                 f" {r['cpu']:8.1f}"
                 f" {r['burst']:9.1f}"

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 from oracle.decode import parse_block
 from oracle.estimate import estimate
@@ -263,3 +264,35 @@ async def test_run_logs_and_skips_a_non_update(
                 assert json.loads(await sub.receive())["seq"] == 1
                 await send.aclose()
     assert "fanout_bad_update type=str" in caplog.text
+
+
+async def test_run_coalesces_points_per_interval_keeping_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    update, points, _ = block_updates()
+    pts = points.points
+    fan = FanOut(points_interval=1.0)
+    send, recv = trio.open_memory_channel[object](16)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fan.run, recv)
+            with fan.subscribe() as sub:
+                await sub.receive()
+                for i in range(3):
+                    await send.send(PointsBatch(pts[i : i + 1]))
+                await trio.sleep(0)
+                assert sub.pending == 0  # buffered, not yet sent
+                first = json.loads(await sub.receive())  # at the 1 s tick
+                await send.send(PointsBatch(pts[3:5]))
+                await send.send(update)  # flushes the points before itself
+                second = json.loads(await sub.receive())
+                third = json.loads(await sub.receive())
+                await send.send(PointsBatch(pts[5:6]))
+                await send.aclose()  # the end of the channel flushes too
+                fourth = json.loads(await sub.receive())
+    assert first["type"] == "points" and first["seq"] == 1
+    assert [p[3] for p in first["points"]] == [p.txid for p in pts[:3]]
+    assert (second["type"], second["seq"], len(second["points"])) == ("points", 2, 2)
+    assert (third["type"], third["seq"]) == ("estimate", 3)
+    assert (fourth["type"], fourth["seq"], len(fourth["points"])) == ("points", 4, 1)
+    assert fan.statistics().points == 6
