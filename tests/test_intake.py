@@ -26,6 +26,7 @@ from oracle.events import (
     EstimateUpdate,
     FeedMessage,
     FeedTrouble,
+    HashBlock,
     RawTx,
     SequenceEvent,
     Update,
@@ -378,3 +379,53 @@ async def test_duplicates_count_once_and_r_removes_outputs_through_the_pipeline(
     assert block.txs[1].txid not in window
     assert _sample(metrics, "fiatprint_zmq_messages_total", topic="rawtx") == 201
     assert _sample(metrics, "fiatprint_decode_errors_total", reason="tx_limits") == 1
+
+
+async def test_topics_on_different_endpoints_and_hashblock() -> None:
+    block = _block(702861)
+    tx = block.txs[1]
+    metrics = Metrics()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    pub_tx = HandPub(ctx, "tcp://127.0.0.1:0")
+    pub_seq = HandPub(ctx, "tcp://127.0.0.1:0")
+    send, recv = trio.open_memory_channel[FeedMessage](100)
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                feed = await nursery.start(
+                    lambda task_status: run_intake(
+                        {
+                            "rawtx": pub_tx.endpoint,
+                            "sequence": pub_seq.endpoint,
+                            "hashblock": pub_seq.endpoint,
+                        },
+                        send,
+                        metrics=metrics,
+                        task_status=task_status,
+                    )
+                )
+                assert feed == {
+                    "rawtx": pub_tx.endpoint,
+                    "sequence": pub_seq.endpoint,
+                    "hashblock": pub_seq.endpoint,
+                }
+                await pub_tx.wait_subscribed("rawtx")
+                await pub_seq.wait_subscribed("sequence", "hashblock")
+                wire_hash = block.header.hash[::-1]
+                pub_seq.send("hashblock", wire_hash[:31])  # short hash
+                pub_seq.send("sequence", wire_hash + b"C")
+                pub_seq.send("hashblock", wire_hash)
+                got_seq = [await recv.receive() for _ in range(2)]
+                pub_tx.send("rawtx", tx.raw)
+                got_tx = await recv.receive()
+                nursery.cancel_scope.cancel()
+    finally:
+        pub_tx.close()
+        pub_seq.close()
+        ctx.destroy(linger=0)
+    assert isinstance(got_seq[0], SequenceEvent)
+    assert (got_seq[0].label, got_seq[0].hash) == ("C", block.header.hash)
+    assert isinstance(got_seq[1], HashBlock) and got_seq[1].hash == block.header.hash
+    assert isinstance(got_tx, RawTx) and got_tx.body == tx.raw
+    assert _sample(metrics, "fiatprint_decode_errors_total", reason="hash_body") == 1
+    assert _sample(metrics, "fiatprint_zmq_messages_total", topic="hashblock") == 2
