@@ -127,6 +127,15 @@ def run(args: argparse.Namespace) -> int:
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``fiatprint demo``."""
+    parser.epilog = (
+        "Runs a replay publisher and the service in one process, on loopback "
+        "only, and prints the page address. The blocks are announced as Core "
+        "announces them (each transaction into the mempool at --rate, then "
+        "the block), over and over. A repeated txid counts once while it is "
+        "in the window, so the demo's window is 0.9 of one replay pass: when "
+        "a transaction comes round again its previous copy has aged out, and "
+        "the price keeps moving."
+    )
     parser.add_argument("--host", default="127.0.0.1", help="HTTP address")
     parser.add_argument(
         "--port", type=int, default=8080, help="HTTP port (0: any free port)"
