@@ -42,6 +42,7 @@ CHROMIUM = next(
     ),
     None,
 )
+PRICE_702861 = 42951.63645734903
 PRICE_TEXT = "$42,952"  # block 702861: 42951.63645734903
 
 
@@ -79,30 +80,38 @@ def demo_updates(now: float, older_copies: int = 0) -> list[Any]:
     ]
 
 
-async def _serve(port: int, older_copies: int) -> None:
+async def _serve(port: int, older_copies: int, history_path: str) -> None:
     from oracle.app import create_app, serve_http
     from oracle.config import Settings
     from oracle.fanout import FanOut
+    from oracle.history import History
     from oracle.metrics import Metrics
 
     fan = FanOut(metrics=Metrics())
     for u in demo_updates(time.time(), older_copies):
         fan.publish(u)
     settings = Settings(host="127.0.0.1", port=port)
+    history = await History.open(history_path) if history_path else None
     app = create_app(
-        fan, settings=settings, health=lambda: {"status": "ok"}, metrics=fan.metrics
+        fan,
+        settings=settings,
+        health=lambda: {"status": "ok"},
+        metrics=fan.metrics,
+        history=history,
     )
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(serve_http, app, settings)
         print("URL", urls[0], flush=True)
 
 
-async def start_server(port: int, older_copies: int = 0) -> tuple[trio.Process, str]:
+async def start_server(
+    port: int, older_copies: int = 0, history: Path | None = None
+) -> tuple[trio.Process, str]:
     """Run this file as the server on ``port`` (0: any); return it and its
     URL once it listens."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     proc = await trio.lowlevel.open_process(
-        [sys.executable, __file__, str(port), str(older_copies)],
+        [sys.executable, __file__, str(port), str(older_copies), str(history or "")],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         cwd=ROOT,
@@ -161,6 +170,24 @@ class Cdp:
 
 
 MAX_POINTS = 20_000
+#: Ages in seconds of the history rows the restarted server holds.
+HISTORY_TIMES = (3600.0, 1800.0, 60.0)
+
+
+async def write_history(path: Path, ages: tuple[float, ...]) -> None:
+    """A real SQLite history with the 702861 estimate at the given ages."""
+    from test_fanout import block_updates, estimate_at
+
+    from oracle.history import History, HistoryRow
+
+    update, _, _ = block_updates()
+    now = time.time()
+    with await History.open(path) as history:
+        for age in ages:
+            row = HistoryRow.from_update(estimate_at(update, now - age))
+            assert row is not None
+            await history.append(row)
+
 
 #: Index and page coordinates of the first point drawn on the canvas, whose
 #: dot has no other within hover range, so the tooltip must name it.
@@ -277,8 +304,13 @@ async def test_page_shows_price_draws_clouds_and_reconnects(tmp_path: Path) -> N
                 )
                 assert "retrying" in text
 
-                # The restarted server holds a full 20,000-point snapshot.
-                server, url2 = await start_server(port, older_copies=7)
+                # The restarted server holds a full 20,000-point snapshot and
+                # a history the first one did not have.
+                history_path = tmp_path / "history.sqlite"
+                await write_history(history_path, HISTORY_TIMES)
+                server, url2 = await start_server(
+                    port, older_copies=7, history=history_path
+                )
                 assert url2 == url
                 await cdp.wait_for(
                     s,
@@ -289,6 +321,12 @@ async def test_page_shows_price_draws_clouds_and_reconnects(tmp_path: Path) -> N
                     MAX_POINTS
                 )
                 assert await cdp.evaluate(s, "window.fiatprint.drawn") == in_band_full
+                rows = await cdp.wait_for(
+                    s,
+                    "!document.getElementById('history-panel').hidden &&"
+                    " window.fiatprint.state.history",
+                )
+                assert [r[1] for r in rows] == [PRICE_702861] * len(HISTORY_TIMES)
                 draw_ms = await cdp.evaluate(s, "window.fiatprint.drawMs")
                 print(f"draw of {MAX_POINTS} points: {draw_ms:.1f} ms")
 
@@ -328,4 +366,4 @@ async def test_page_shows_price_draws_clouds_and_reconnects(tmp_path: Path) -> N
 
 
 if __name__ == "__main__":
-    trio.run(_serve, int(sys.argv[1]), int(sys.argv[2]))
+    trio.run(_serve, int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
