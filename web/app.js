@@ -228,12 +228,17 @@
       let tmin = Infinity, tmax = -Infinity;
       for (let i = 0; i < n; i++) {
         if (state.confirmed[i] !== p.confirmed) continue;
-        const t = p.confirmed ? state.time[i] - 600 * jitter(state.txid[i]) : state.time[i];
+        const t = p.confirmed
+          ? state.time[i] - 600 * jitter(state.txid[i])
+          : state.time[i];
         xs[i] = t;
         if (t < tmin) tmin = t;
         if (t > tmax) tmax = t;
       }
-      if (!(tmax > tmin)) { tmin = (isFinite(tmin) ? tmin : 0) - 300; tmax = tmin + 600; }
+      if (!(tmax > tmin)) {
+        tmin = (isFinite(tmin) ? tmin : 0) - 300;
+        tmax = tmin + 600;
+      }
       p.tmin = tmin; p.tmax = tmax;
       ctx.textAlign = "left";
       ctx.fillStyle = p.color;
@@ -305,7 +310,8 @@
         const cell = grid.get((cx + dx) * 65536 + (cy + dy));
         if (!cell) continue;
         for (const i of cell) {
-          const ex = drawnXY[2 * i] + DOT / 2 - mx, ey = drawnXY[2 * i + 1] + DOT / 2 - my;
+          const ex = drawnXY[2 * i] + DOT / 2 - mx;
+          const ey = drawnXY[2 * i + 1] + DOT / 2 - my;
           const d = ex * ex + ey * ey;
           if (d <= bestD) { bestD = d; best = i; }
         }
@@ -487,7 +493,9 @@
         state.lastSeq = m.seq; renderBlocks();
         break;
       case "status":
-        state.status[m.component] = { status: m.status, detail: m.detail, time: m.time };
+        state.status[m.component] = {
+          status: m.status, detail: m.detail, time: m.time,
+        };
         state.lastSeq = m.seq; renderStatus();
         break;
       default:
