@@ -35,6 +35,11 @@ used instead, and a client that stops reading is then never disconnected
 (its cost stays bounded as described for :data:`SEND_TIMEOUT`): hypercorn's
 own ``--read-timeout`` cannot end a write in progress.
 
+Hypercorn accepts ``permessage-deflate`` whenever a client (every browser)
+asks for it and offers no setting to refuse it: such connections compress each
+frame with their own compressor, a per-client cost that the shared frames of
+:mod:`oracle.fanout` do not avoid.
+
 Hypercorn itself refuses WebSocket messages over
 :data:`HYPERCORN_MAX_MESSAGE` bytes before the app sees them; those close the
 connection with code 1009 but are not counted in ``bad_client_messages``,
