@@ -124,12 +124,16 @@ class Service:
       history: an open history (None: as ``settings.history_path`` says,
         opened by :meth:`run_pipeline` and closed when it ends).
       clock: wall-clock time for the window (tests may pass trio's clock).
+      initial_window: the window state to start from (a fresh, empty one of
+        ``settings.window_seconds`` by default); the demo starts from a
+        pre-filled one.
     """
 
     settings: Settings
     metrics: Metrics = attrs.field(factory=Metrics)
     history: History | None = None
     clock: Any = time.time
+    initial_window: Window | None = None
     fanout: FanOut = attrs.field(init=False)
     window: Window | None = attrs.field(init=False, default=None)
     node: NodeSyncState | None = attrs.field(init=False, default=None)
@@ -263,6 +267,7 @@ class Service:
                         up_send,
                         settings=s,
                         metrics=m,
+                        window=self.initial_window,
                         clock=self.clock,
                         task_status=task_status,
                     )
@@ -341,9 +346,13 @@ async def run_service(
     *,
     metrics: Metrics | None = None,
     clock: Any = time.time,
+    window: Window | None = None,
     task_status: trio.TaskStatus[ServiceInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the whole service (actors and HTTP) until cancelled.
+
+    ``window`` is the state to start from (default: empty); ``clock`` the
+    wall clock the window uses.
 
     Calls ``task_status.started`` with a :class:`ServiceInfo` once the
     pipeline runs and the HTTP server listens (``settings.port`` 0 picks a
@@ -355,7 +364,9 @@ async def run_service(
       oracle.history.HistoryError: the history file cannot be opened.
       zmq.ZMQError: a ZMQ endpoint is not a valid address.
     """
-    service = Service(settings, metrics=metrics or Metrics(), clock=clock)
+    service = Service(
+        settings, metrics=metrics or Metrics(), clock=clock, initial_window=window
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: service.run_pipeline(task_status=task_status)
