@@ -20,6 +20,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +224,55 @@ COUNT_PIXELS = """(() => {
 })()"""
 
 
+@asynccontextmanager
+async def open_page(profile: Path, url: str) -> AsyncIterator[tuple[Cdp, str]]:
+    """Headless Chromium showing ``url``: yields the DevTools client and the
+    page's session id; the browser is killed when the block ends."""
+    assert CHROMIUM is not None
+    profile.mkdir()
+    chromium = await trio.lowlevel.open_process(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            "--force-device-scale-factor=2",
+            "--window-size=1280,900",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        active = profile / "DevToolsActivePort"
+        while not active.exists() or len(active.read_text().splitlines()) < 2:
+            await trio.sleep(0.05)
+        cdp_port, cdp_path = active.read_text().splitlines()[:2]
+        browser_url = f"ws://127.0.0.1:{cdp_port}{cdp_path}"
+        async with open_websocket_url(browser_url, max_message_size=2**26) as ws:
+            cdp = Cdp(ws)
+            target = await cdp.call("Target.createTarget", url=url)
+            attached = await cdp.call(
+                "Target.attachToTarget", targetId=target["targetId"], flatten=True
+            )
+            yield cdp, attached["sessionId"]
+            await cdp.call("Browser.close")
+    finally:
+        if chromium.returncode is None:
+            chromium.kill()
+        with trio.move_on_after(10):
+            await chromium.wait()
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 async def test_page_shows_price_draws_clouds_and_reconnects(tmp_path: Path) -> None:
     from test_fanout import block_updates
@@ -233,46 +284,11 @@ async def test_page_shows_price_draws_clouds_and_reconnects(tmp_path: Path) -> N
         -MAX_POINTS:
     ]
     in_band_full = sum(1 for p in full if lo <= p.price <= hi)
-    profile = tmp_path / "profile"
-    profile.mkdir()
     with trio.fail_after(90):
         server, url = await start_server(0)
         port = int(url.rsplit(":", 1)[1])
-        chromium = await trio.lowlevel.open_process(
-            [
-                str(CHROMIUM),
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-extensions",
-                "--force-device-scale-factor=2",
-                "--window-size=1280,900",
-                "--remote-debugging-address=127.0.0.1",
-                "--remote-debugging-port=0",
-                f"--user-data-dir={profile}",
-                "about:blank",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         try:
-            active = profile / "DevToolsActivePort"
-            while not active.exists() or len(active.read_text().splitlines()) < 2:
-                await trio.sleep(0.05)
-            cdp_port, cdp_path = active.read_text().splitlines()[:2]
-            browser_url = f"ws://127.0.0.1:{cdp_port}{cdp_path}"
-            async with open_websocket_url(browser_url, max_message_size=2**26) as ws:
-                cdp = Cdp(ws)
-                target = await cdp.call("Target.createTarget", url=url + "/")
-                attached = await cdp.call(
-                    "Target.attachToTarget", targetId=target["targetId"], flatten=True
-                )
-                s = attached["sessionId"]
+            async with open_page(tmp_path / "profile", url + "/") as (cdp, s):
                 price = await cdp.wait_for(
                     s,
                     "window.fiatprint && window.fiatprint.connected &&"
@@ -280,8 +296,9 @@ async def test_page_shows_price_draws_clouds_and_reconnects(tmp_path: Path) -> N
                     " document.getElementById('price').textContent",
                 )
                 assert price == PRICE_TEXT
-                assert await cdp.evaluate(
-                    s, "document.getElementById('conn').textContent"
+                assert (
+                    await cdp.evaluate(s, "document.getElementById('conn').textContent")
+                    == "live"
                 )
                 pixels = await cdp.evaluate(s, COUNT_PIXELS)
                 assert pixels["dpr"] == 2
@@ -356,13 +373,81 @@ async def test_page_shows_price_draws_clouds_and_reconnects(tmp_path: Path) -> N
                     await cdp.evaluate(s, "document.getElementById('conn').textContent")
                     == "live"
                 )
-                await cdp.call("Browser.close")
         finally:
-            for proc in (chromium, server):
-                if proc.returncode is None:
-                    proc.kill()
-                with trio.move_on_after(10):
-                    await proc.wait()
+            if server.returncode is None:
+                server.kill()
+            with trio.move_on_after(10):
+                await server.wait()
+
+
+async def start_demo(port: int) -> tuple[trio.Process, str]:
+    """``fiatprint demo`` (replay of the bundled block 818677 into the whole
+    service) on ``port``; returns it and its URL once it listens."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "oracle.cli", "demo", "--port", str(port),
+         "--rate", "200"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = b""
+    while b"http://" not in line or not line.endswith(b"\n"):
+        chunk = await proc.stdout.receive_some(1)
+        assert chunk, "demo exited before listening"
+        line += chunk
+    url = line.decode().split("open ", 1)[1].strip().rstrip("/")
+    return proc, url
+
+
+PAGE_ESTIMATE = """(() => {
+  const f = window.fiatprint;
+  const e = f && f.state.estimate;
+  return e && f.connected ? [e.price, e.updated,
+    document.getElementById('price').textContent] : null;
+})()"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+async def test_page_follows_the_demo_service_and_reconnects(tmp_path: Path) -> None:
+    """The whole service (``fiatprint demo``): the page shows what
+    ``/api/v1/price`` says, draws mempool dots, and reconnects after the
+    service is killed and started again on the same port."""
+    from test_app import http_get
+
+    with trio.fail_after(120):
+        demo, url = await start_demo(0)
+        port = int(url.rsplit(":", 1)[1])
+        try:
+            async with open_page(tmp_path / "profile", url + "/") as (cdp, s):
+                # Poll until the page and the API report the same estimate.
+                while True:
+                    shown = await cdp.evaluate(s, PAGE_ESTIMATE)
+                    status, _, body = await http_get(url + "/api/v1/price")
+                    api = json.loads(body)
+                    if shown and status == 200 and shown[1] == api["updated"]:
+                        break
+                    await trio.sleep(0.1)
+                assert shown[0] == api["price"]
+                assert shown[2] == "$" + f"{api['price']:,.0f}"
+                await cdp.wait_for(s, "window.fiatprint.drawn > 100")
+                pixels = await cdp.evaluate(s, COUNT_PIXELS)
+                assert pixels["orange"] > 100, pixels
+
+                demo.send_signal(signal.SIGKILL)
+                await demo.wait()
+                await cdp.wait_for(s, "!window.fiatprint.connected")
+                demo, url2 = await start_demo(port)
+                assert url2 == url
+                await cdp.wait_for(
+                    s, "window.fiatprint.connected && window.fiatprint.snapshots >= 2"
+                )
+        finally:
+            if demo.returncode is None:
+                demo.kill()
+            with trio.move_on_after(10):
+                await demo.wait()
 
 
 if __name__ == "__main__":
