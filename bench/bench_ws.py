@@ -41,6 +41,24 @@ Latency includes the client process's own delay: all N clients share one
 Python process and the machine's cores with the server, so at 1,000 clients
 much of the p99 is the client side queueing. The comparison between the two
 fan-outs in the same run is the meaningful figure.
+
+Measured on the 2-CPU development machine (``python bench/bench_ws.py``,
+2026-12-04); latencies in ms, CPU in % of one core over the steady phase,
+burst = time for the 4,711-point burst to reach the last client::
+
+    fan-out   clients  est p50  est p99  pts p50  pts p99  srv CPU   burst   gaps
+    shared        100     22.0     32.5    216.8    263.8      5.7    363.9      0
+    shared-nc     100     19.3     27.4     11.4     34.6     18.8    364.2      0
+    naive         100     20.8     33.5     11.1     38.4     18.2   1029.4      0
+    shared        500     87.2    226.7    236.0    418.2     34.1   2159.6      0
+    shared-nc     500     69.4    187.2     37.4    143.6     83.7   1956.3      0
+    naive         500     75.0    140.2     37.6    135.5     85.5   4621.1      0
+    shared       1000    220.0    361.2    280.2    504.5     57.9   4713.3      0
+    shared-nc    1000   1385.0   1465.4   3871.5   7278.0     99.7  10508.8  23000
+    naive        1000   5697.2  12029.1   5468.5  12435.9     99.7  20839.7      0
+
+(``pts`` latency of the coalesced fan-out includes up to 0.25 s of waiting
+for the batch, by design.)
 """
 
 from __future__ import annotations
