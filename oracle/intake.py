@@ -20,9 +20,12 @@ burst. Each topic's counter is followed: a skip is counted as lost messages
 (``Metrics.lost_messages``) and reported downstream as
 ``FeedTrouble(kind="gap")``; a counter that goes back (to 0, or backwards
 other than by wrapping at 2**32) is a node restart (``Metrics.restarts``,
-``FeedTrouble(kind="restart")``). A socket silent for ``stale_seconds`` is
-closed and replaced by a fresh one that connects and subscribes again
-(``Metrics.reconnects``, ``FeedTrouble(kind="stale")``). A publisher that goes
+``FeedTrouble(kind="restart")``). When no message has arrived on any socket
+for ``stale_seconds``, every socket is closed and replaced by a fresh one
+that connects and subscribes again (``Metrics.reconnects`` once,
+``FeedTrouble(kind="stale")`` per topic). The feed as a whole is timed, not
+each socket, because a socket carrying only ``hashblock`` is quiet for
+minutes between blocks. A publisher that goes
 away and comes back on the same address is picked up by ZMQ's own
 reconnection; its counters restart at 0, which is reported as a restart.
 
@@ -186,6 +189,10 @@ class _Intake:
     stale_seconds: float
     metrics: Metrics | None
     counters: CounterTracker = attrs.field(factory=CounterTracker)
+    #: trio time of the last message on any socket.
+    last_message: float = attrs.field(factory=trio.current_time)
+    #: Increased each time the feed is found stale and every socket replaced.
+    generation: int = 0
     warn: RateLimitedLog = attrs.field(
         factory=lambda: RateLimitedLog(log, key_fields=("reason", "topic"))
     )
@@ -247,7 +254,8 @@ class _Intake:
         topics: frozenset[str],
         task_status: trio.TaskStatus[None],
     ) -> None:
-        """Own one socket for ``endpoint``; replace it whenever it goes stale."""
+        """Own one socket for ``endpoint``; replace it whenever the feed goes
+        stale."""
         first = True
         while True:
             sock = ctx.socket(zmq.SUB)
@@ -264,26 +272,28 @@ class _Intake:
                 await self._pump(sock, topics)
             finally:
                 sock.close(linger=0)
-            if self.metrics is not None:
-                self.metrics.reconnects.inc()
-            log.warning(
-                kv("zmq_stale", endpoint=endpoint, silent_seconds=self.stale_seconds)
-            )
             now = time.time()
             for t in sorted(topics):
                 await self.out.send(
                     FeedTrouble(
                         "stale",
                         t,
-                        f"silent for {self.stale_seconds}s; reconnected",
+                        f"feed silent for {self.stale_seconds}s; reconnected",
                         now,
                     )
                 )
 
     async def _pump(self, sock: zmq.Socket[bytes], topics: frozenset[str]) -> None:
-        """Read ``sock`` until it has been silent for ``stale_seconds``."""
+        """Read ``sock`` until the whole feed has been silent for
+        ``stale_seconds`` (no message on any socket), then return.
+
+        The feed as a whole, not each socket, is timed: a socket carrying only
+        ``hashblock`` is legitimately quiet for many minutes. The socket that
+        notices the silence starts a new generation; the others see it and
+        return too, so every socket is replaced.
+        """
         fd = int(sock.getsockopt(zmq.FD))
-        last = trio.current_time()
+        generation = self.generation
         unsent = 0
         while True:
             try:
@@ -291,13 +301,21 @@ class _Intake:
             except zmq.Again:
                 if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     continue
-                deadline = last + self.stale_seconds
-                if trio.current_time() >= deadline:
+                if self.generation != generation:
+                    return
+                deadline = self.last_message + self.stale_seconds
+                now = trio.current_time()
+                if now >= deadline:
+                    self.generation += 1
+                    self.last_message = now
+                    if self.metrics is not None:
+                        self.metrics.reconnects.inc()
+                    log.warning(kv("zmq_stale", silent_seconds=self.stale_seconds))
                     return
                 with trio.move_on_at(deadline):
                     await trio.lowlevel.wait_readable(fd)
                 continue
-            last = trio.current_time()
+            self.last_message = trio.current_time()
             if await self.handle(frames, topics):
                 unsent = 0
             else:
@@ -324,7 +342,8 @@ async def run_intake(
       out: receives :class:`~oracle.events.RawTx`,
         :class:`~oracle.events.SequenceEvent`, :class:`~oracle.events.HashBlock`
         and :class:`~oracle.events.FeedTrouble`, in arrival order per socket.
-      stale_seconds: silence after which a socket is replaced; overrides the
+      stale_seconds: silence of the whole feed (no message on any socket)
+        after which every socket is replaced; overrides the
         settings' value (default 300 with a plain mapping).
       metrics: updated with messages, lost messages, restarts, reconnects and
         malformed frames.

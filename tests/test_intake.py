@@ -429,3 +429,54 @@ async def test_topics_on_different_endpoints_and_hashblock() -> None:
     assert isinstance(got_tx, RawTx) and got_tx.body == tx.raw
     assert _sample(metrics, "fiatprint_decode_errors_total", reason="hash_body") == 1
     assert _sample(metrics, "fiatprint_zmq_messages_total", topic="hashblock") == 2
+
+
+async def test_a_quiet_socket_is_not_stale_while_the_feed_flows(
+    zmq_autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Staleness is the whole feed's: hashblock (or sequence) on a socket of
+    its own may be quiet for minutes while rawtx flows on another."""
+    tx = _block(702861).txs[1]
+    metrics = Metrics()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    pub_tx = HandPub(ctx, "tcp://127.0.0.1:0")
+    pub_seq = HandPub(ctx, "tcp://127.0.0.1:0")
+    send, recv = trio.open_memory_channel[FeedMessage](100)
+    got: list[FeedMessage] = []
+    try:
+        with trio.fail_after(3600):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: run_intake(
+                        {"rawtx": pub_tx.endpoint, "sequence": pub_seq.endpoint},
+                        send,
+                        stale_seconds=300.0,
+                        metrics=metrics,
+                        task_status=task_status,
+                    )
+                )
+                await pub_tx.wait_subscribed("rawtx")
+                await pub_seq.wait_subscribed("sequence")
+                start = trio.current_time()
+                # rawtx every 100 s for 1000 s; sequence says nothing.
+                for _ in range(10):
+                    pub_tx.send("rawtx", tx.raw)
+                    got.append(await recv.receive())
+                    await trio.sleep(100)
+                assert _sample(metrics, "fiatprint_zmq_reconnects_total") == 0
+                # Now nothing at all: both sockets are replaced, once.
+                stale = [await recv.receive(), await recv.receive()]
+                waited = trio.current_time() - start
+                nursery.cancel_scope.cancel()
+    finally:
+        pub_tx.close()
+        pub_seq.close()
+        ctx.destroy(linger=0)
+    assert all(isinstance(m, RawTx) for m in got)
+    assert sorted((m.kind, m.topic) for m in stale if isinstance(m, FeedTrouble)) == [
+        ("stale", "rawtx"),
+        ("stale", "sequence"),
+    ]
+    # The last rawtx came at about 900 s; the feed was stale 300 s later.
+    assert 1200.0 <= waited < 1202.0
+    assert _sample(metrics, "fiatprint_zmq_reconnects_total") == 1
