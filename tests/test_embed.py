@@ -34,6 +34,9 @@ async def test_embed_example_prints_the_exact_estimate_of_a_replayed_block() -> 
                     loop=False,
                     hwm=0,  # unlimited: the test is not about ZMQ's drops
                     wait_for_subscriber=True,
+                    # run_replay closes its sockets with linger 0 when it
+                    # returns, dropping what is still queued; stay open.
+                    block_pause=3600.0,
                     task_status=task_status,
                 )
             )
@@ -53,15 +56,18 @@ async def test_embed_example_prints_the_exact_estimate_of_a_replayed_block() -> 
             try:
                 assert proc.stdout is not None
                 buf = b""
-                while not any("confirmed=3315" in line for line in lines):
-                    chunk = await proc.stdout.receive_some(65536)
-                    assert chunk, f"example ended early: {lines}"
-                    buf += chunk
-                    *done, buf = buf.split(b"\n")
-                    lines.extend(d.decode() for d in done)
+                with trio.move_on_after(50):
+                    while not any("confirmed=3315" in line for line in lines):
+                        chunk = await proc.stdout.receive_some(65536)
+                        assert chunk, f"example ended early: {lines}"
+                        buf += chunk
+                        *done, buf = buf.split(b"\n")
+                        lines.extend(d.decode() for d in done)
+                assert any("confirmed=3315" in line for line in lines), lines[-5:]
             finally:
                 proc.terminate()
                 await proc.wait()
+                nursery.cancel_scope.cancel()
     eps = {"rawtx": bound["rawtx"], "sequence": bound["sequence"]}
     assert lines[0] == f"subscribed {eps}"
     final = next(line for line in lines if "confirmed=3315" in line)
