@@ -18,10 +18,19 @@ import re
 import sys
 from pathlib import Path
 
+import attrs
+
 from . import chain
 from .chart import write_chart
 from .cli import EXIT_NO_DATA, EXIT_OK, EXIT_USAGE
-from .decode import Block, BlockHeader, DecodeError, parse_block, peek_block
+from .decode import (
+    MAX_BLOCK_BYTES,
+    Block,
+    BlockHeader,
+    DecodeError,
+    parse_block,
+    peek_block,
+)
 from .report import PriceReport, price_blocks, price_vector
 from .rpc import RpcError
 
@@ -59,10 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read(path: Path) -> bytes:
+    """The file's bytes, reading at most one byte more than a block can hold."""
     try:
-        return path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read(MAX_BLOCK_BYTES + 1)
     except OSError as exc:
         raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if len(data) > MAX_BLOCK_BYTES:
+        raise UsageError(
+            f"{path}: not a valid block: larger than {MAX_BLOCK_BYTES:,} bytes, "
+            "the most a block can be"
+        )
+    return data
 
 
 def _height(path: Path, header: BlockHeader, bip34: int | None) -> int | None:
@@ -82,20 +99,32 @@ def load_block_file(path: Path) -> tuple[int | None, Block]:
     Raises:
       UsageError: unreadable file or malformed block, naming the file.
     """
+    return _decode(path, _read(path))
+
+
+def _decode(path: Path, data: bytes) -> tuple[int | None, Block]:
     try:
-        block = parse_block(_read(path))
+        block = parse_block(data)
     except DecodeError as exc:
         raise UsageError(f"{path}: not a valid block: {exc}") from exc
     return _height(path, block.header, block.bip34_height), block
 
 
-def _block_order(path: Path) -> tuple[int, int]:
+@attrs.frozen
+class _BlockFile:
+    path: Path
+    data: bytes
+    height: int | None
+    header: BlockHeader
+
+
+def _peek(path: Path) -> _BlockFile:
+    data = _read(path)
     try:
-        header, bip34 = peek_block(_read(path))
+        header, bip34 = peek_block(data)
     except DecodeError as exc:
         raise UsageError(f"{path}: not a valid block: {exc}") from exc
-    height = _height(path, header, bip34)
-    return (height if height is not None else -1, header.time)
+    return _BlockFile(path, data, _height(path, header, bip34), header)
 
 
 def _load_vector(path: Path) -> PriceReport:
@@ -105,20 +134,22 @@ def _load_vector(path: Path) -> PriceReport:
         raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not JSON: {exc}") from exc
+    except RecursionError:
+        raise UsageError(f"{path}: not a vector: JSON nested too deeply") from None
     if not isinstance(doc, dict) or "filtered_outputs" not in doc:
         raise UsageError(f"{path}: no 'filtered_outputs' list in the vector")
     amounts = doc["filtered_outputs"]
     heights = doc.get("block_heights", [-1] * len(amounts))
     times = doc.get("block_times", [0] * len(amounts))
-    for name, values in (
-        ("filtered_outputs", amounts),
-        ("block_heights", heights),
-        ("block_times", times),
+    if not isinstance(amounts, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in amounts
     ):
+        raise UsageError(f"{path}: 'filtered_outputs' is not a list of numbers")
+    for name, values in (("block_heights", heights), ("block_times", times)):
         if not isinstance(values, list) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in values
+            isinstance(v, int) and not isinstance(v, bool) for v in values
         ):
-            raise UsageError(f"{path}: '{name}' is not a list of numbers")
+            raise UsageError(f"{path}: '{name}' is not a list of whole numbers")
     try:
         return price_vector(amounts, heights, times)
     except (ValueError, OverflowError) as exc:
@@ -127,9 +158,26 @@ def _load_vector(path: Path) -> PriceReport:
 
 def blocks_report(paths: list[Path]) -> PriceReport:
     """Price block files as one window in height order (a block of unknown
-    height sorts first, by time). Only one decoded block is held at a time."""
-    ordered = sorted(paths, key=_block_order)
-    return price_blocks(load_block_file(p) for p in ordered)
+    height sorts first, by time).
+
+    Each file is read once (so pipes work) and kept as raw bytes; only one
+    block is held decoded at a time.
+
+    Raises:
+      UsageError: a file cannot be read, is not a block, or holds a block
+        that another file already gave.
+    """
+    files = [_peek(p) for p in paths]
+    seen: dict[bytes, Path] = {}
+    for f in files:
+        if f.header.hash in seen:
+            raise UsageError(
+                f"{f.path}: block {f.header.hash_hex} was already given as "
+                f"{seen[f.header.hash]}; a window holds each block once"
+            )
+        seen[f.header.hash] = f.path
+    files.sort(key=lambda f: (-1 if f.height is None else f.height, f.header.time))
+    return price_blocks(_decode(f.path, f.data) for f in files)
 
 
 def emit(report: PriceReport, args: argparse.Namespace) -> int:

@@ -87,7 +87,7 @@ class PriceReport:
 
 def _span(first: int | None, last: int | None) -> str:
     if first is None:
-        return "blocks ?"
+        return "window of unknown heights"
     if first == last:
         return f"block {first}"
     return f"blocks {first}..{last}"
@@ -153,16 +153,17 @@ def price_vector(
         raise ValueError("vector holds amounts that are not finite numbers")
     h = np.array(heights, dtype=np.int64)
     t = np.array(times, dtype=np.int64)
+    known = h[h >= 0]  # a vector without heights marks them -1
     return PriceReport(
         estimate=estimate(arr),
         transactions=None,
         transactions_used=None,
         rejected=None,
-        first_height=int(h.min()) if len(h) else None,
-        last_height=int(h.max()) if len(h) else None,
+        first_height=int(known.min()) if len(known) else None,
+        last_height=int(known.max()) if len(known) else None,
         first_time=int(t.min()) if len(t) else None,
         last_time=int(t.max()) if len(t) else None,
-        blocks=len(set(h.tolist())) if len(h) else 0,
+        blocks=len(set(known.tolist())) if len(known) else None,
         amounts=arr,
         heights=h,
         times=t,

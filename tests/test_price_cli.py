@@ -206,3 +206,62 @@ def test_runs_as_a_module():
     )
     assert proc.returncode == 0
     assert json.loads(proc.stdout)["price"] == 42951.63645734903
+
+
+def test_a_block_given_twice_is_refused(capsys):
+    path = str(block(818677))
+    status, out, err = run_cli(capsys, path, path)
+    assert (status, out) == (2, "")
+    assert err == (
+        f"fiatprint price: {path}: block "
+        "000000000000000000020750f322f4e72e99c2f0b9738fb4f46607860bd18c13 was "
+        f"already given as {path}; a window holds each block once\n"
+    )
+
+
+def test_a_file_larger_than_any_block_is_refused_after_reading_4_mb(capsys):
+    # /dev/zero never ends: reading stops one byte past the largest block.
+    status, _, err = run_cli(capsys, "/dev/zero")
+    assert status == 2
+    assert err == (
+        "fiatprint price: /dev/zero: not a valid block: larger than 4,000,000 "
+        "bytes, the most a block can be\n"
+    )
+
+
+def test_a_block_read_from_a_pipe_is_read_once():
+    data = block(818677).read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "oracle.cli", "price", "--json", "/dev/stdin"],
+        input=data,
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["price"] == 37355.24841240194
+
+
+def test_vector_without_heights_and_deeply_nested_vectors(capsys, tmp_path):
+    doc = json.loads(VECTOR.read_text())
+    path = tmp_path / "amounts-only.json"
+    path.write_text(json.dumps({"filtered_outputs": doc["filtered_outputs"]}))
+    status, out, _ = run_cli(capsys, "--json", "--vector", str(path))
+    got = json.loads(out)
+    assert status == 0
+    assert (got["price"], got["first_height"], got["blocks"]) == (
+        68150.84052703316,
+        None,
+        None,
+    )
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000)
+    status, _, err = run_cli(capsys, "--vector", str(nested))
+    assert (status, err) == (
+        2,
+        f"fiatprint price: {nested}: not a vector: JSON nested too deeply\n",
+    )
+    floats = tmp_path / "float-heights.json"
+    floats.write_text('{"filtered_outputs": [0.1], "block_heights": [1.5]}')
+    status, _, err = run_cli(capsys, "--vector", str(floats))
+    assert status == 2
+    assert err.endswith("'block_heights' is not a list of whole numbers\n")
