@@ -346,7 +346,9 @@ def create_app(
                 raise _BadClient("too_large", 1009)
             try:
                 data = json.loads(message)
-            except ValueError:
+            except (ValueError, RecursionError):
+                # RecursionError: nesting deeper than the decoder's limit,
+                # which 4 KiB of brackets reaches.
                 raise _BadClient("not_json", 1008) from None
             if (
                 not isinstance(data, dict)

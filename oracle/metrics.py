@@ -70,7 +70,12 @@ class Metrics:
         self.window_outputs = Gauge(
             p + "window_outputs", "Outputs in the window", ["state"], registry=r
         )
-        self.price = Gauge(p + "price_usd", "Latest price estimate", registry=r)
+        self.price = Gauge(
+            p + "price_usd",
+            "Latest price estimate (NaN until the first one with a price)",
+            registry=r,
+        )
+        self.price.set(float("nan"))
         self.price_updated = Gauge(
             p + "price_updated_timestamp_seconds",
             "Unix time of the latest estimate",

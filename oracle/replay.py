@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import struct
 import sys
 from collections.abc import Iterable, Mapping
@@ -420,8 +421,8 @@ def run(args: argparse.Namespace) -> int:
     2 for bad flags or a block file that cannot be read or decoded, 1 when an
     endpoint cannot be bound, 0 after ``--once`` completes.
     """
-    if args.rate < 0:
-        print("fiatprint replay: --rate must be >= 0", file=sys.stderr)
+    if not math.isfinite(args.rate) or args.rate < 0:
+        print("fiatprint replay: --rate must be a number >= 0", file=sys.stderr)
         return 2
     if args.burst < 0:
         print("fiatprint replay: --burst must be >= 0", file=sys.stderr)

@@ -165,10 +165,16 @@ def client_frame(payload: bytes, opcode: int = 1) -> bytes:
     ("junk", "reason"),
     [
         (b"definitely not json", "not_json"),
+        (b"[" * 4000, "not_json"),
         (b'{"v":1,"type":"ping"}', "rate"),
         (b"A" * 60_000, "too_large"),
     ],
-    ids=["not_json", "valid_pings_over_rate", "too_large"],
+    ids=[
+        "not_json",
+        "nested_deeper_than_the_decoder",
+        "valid_pings_over_rate",
+        "too_large",
+    ],
 )
 async def test_junk_flood_closes_only_the_flooder(
     junk: bytes,
