@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import ipaddress
 import json
 import math
 import os
+import re
 import sys
 import tomllib
 import types
@@ -96,6 +98,42 @@ class ConfigError(ValueError):
 def _finite_positive(_inst: object, _attr: object, value: float) -> None:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{value!r} is not a positive number of seconds")
+
+
+def _at_least(minimum: float) -> Callable[..., None]:
+    """A finite number of seconds no smaller than ``minimum``."""
+
+    def check(_inst: object, _attr: object, value: float) -> None:
+        if not math.isfinite(value) or value < minimum:
+            raise ValueError(f"{value!r} is not a number of seconds >= {minimum:g}")
+
+    return check
+
+
+_HOST_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _host(_inst: object, _attr: object, value: str) -> None:
+    """An IP address or a host name, without a port."""
+    if not value.strip():
+        raise ValueError("must not be empty")
+    try:
+        ipaddress.ip_address(value)
+        return
+    except ValueError:
+        pass
+    labels = value.rstrip(".").split(".")
+    if len(value) <= 253 and all(_HOST_LABEL.fullmatch(x) for x in labels):
+        return
+    raise ValueError(f"{value!r} is not an IP address or host name (no port here)")
+
+
+def _sqlite_path(_inst: object, _attr: object, value: Path | None) -> None:
+    """A file path, not a directory. Its directory need not exist yet (systemd's
+    StateDirectory= creates it when the service starts); opening the file
+    reports a missing one."""
+    if value is not None and value.is_dir():
+        raise ValueError(f"{str(value)!r} is a directory, not a file")
 
 
 def _port(_inst: object, _attr: object, value: int) -> None:
@@ -170,17 +208,17 @@ class Settings:
         None, "ZMQ endpoint of the node's hashblock (optional)", _zmq_endpoint
     )
     stale_seconds: float = _field(
-        300.0, "seconds of silence before the feed counts as stale", _finite_positive
+        300.0, "seconds of silence before the feed counts as stale", _at_least(0.5)
     )
     # --- window and estimate
     window_seconds: float = _field(
-        3 * 3600.0, "length of the rolling window in seconds", _finite_positive
+        3 * 3600.0, "length of the rolling window in seconds", _at_least(1.0)
     )
     estimate_interval: float = _field(
-        1.0, "seconds between re-estimates", _finite_positive
+        1.0, "seconds between re-estimates", _at_least(0.01)
     )
     # --- HTTP
-    host: str = _field("127.0.0.1", "address the HTTP server binds", _non_empty)
+    host: str = _field("127.0.0.1", "address the HTTP server binds", _host)
     port: int = _field(8080, "TCP port of the HTTP server (0: any free)", _port)
     web_dir: Path = _field(_WEB_DIR, "directory of the web page")
     # --- RPC (None means: not configured, run from ZMQ alone)
@@ -192,7 +230,7 @@ class Settings:
     datadir: Path | None = _field(None, "the node's data directory (for .cookie)")
     # --- history
     history_path: Path | None = _field(
-        None, "SQLite file for the price history (unset: no history)"
+        None, "SQLite file for the price history (unset: no history)", _sqlite_path
     )
     history_interval: float = _field(
         60.0, "minimum seconds between timed history rows", _finite_positive
@@ -278,6 +316,14 @@ def _show(name: str, value: object) -> str:
     return repr(value)
 
 
+def _expand(text: str) -> Path:
+    """``Path(text)`` with ``~`` expanded; ValueError for an unknown user."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise ValueError(f"{text!r}: cannot expand '~' (no such user)") from None
+
+
 def _from_text(name: str, kind: _Kind, text: str) -> Any:
     """Convert an environment or flag value; raises ValueError."""
     if kind.optional and text == "":
@@ -287,7 +333,7 @@ def _from_text(name: str, kind: _Kind, text: str) -> Any:
     if kind.base is Path:
         if not text:
             raise ValueError("must not be empty")
-        return Path(text).expanduser()
+        return _expand(text)
     if kind.base is int:
         try:
             return int(text.strip(), 10)
@@ -344,7 +390,7 @@ def _from_toml(name: str, kind: _Kind, value: Any, base_dir: Path) -> Any:
     if base is Path:
         if not value:
             raise ValueError("must not be empty")
-        path = Path(value).expanduser()
+        path = _expand(value)
         return path if path.is_absolute() else base_dir / path
     return value
 
@@ -411,6 +457,16 @@ def _read_toml(path: Path, source: str) -> dict[str, Any]:
         ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"config: {path}: not valid TOML: {e}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"config: {path}: not valid TOML: not UTF-8"]) from None
+    except RecursionError:
+        raise ConfigError(
+            [f"config: {path}: not valid TOML: values nested too deeply"]
+        ) from None
+    except OSError as e:
+        raise ConfigError(
+            [f"config: {path}: cannot read: {e.strerror or e} (from {source})"]
+        ) from None
 
 
 def load_settings(
@@ -456,7 +512,10 @@ def load_settings_with_sources(
     if config_file is None and environ.get(CONFIG_ENV):
         config_file, config_source = environ[CONFIG_ENV], CONFIG_ENV
     if config_file is not None:
-        path = Path(config_file).expanduser()
+        try:
+            path = _expand(config_file)
+        except ValueError as e:
+            raise ConfigError([f"config: {e} (from {config_source})"]) from None
         for key, value in _read_toml(path, config_source).items():
             if key not in fields:
                 hint = difflib.get_close_matches(key, fields, n=1)

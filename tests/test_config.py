@@ -105,7 +105,7 @@ def test_every_problem_is_reported_at_once() -> None:
     assert _error(_parse("--network", "mainnet", "--rpc-url", "127.0.0.1"), env) == (
         "zmq_rawtx: 'localhost:28332' is not a ZMQ endpoint "
         "(want tcp://HOST:PORT or ipc://PATH) (from FIATPRINT_ZMQ_RAWTX)\n"
-        "stale_seconds: 0.0 is not a positive number of seconds "
+        "stale_seconds: 0.0 is not a number of seconds >= 0.5 "
         "(from FIATPRINT_STALE_SECONDS)\n"
         "network: 'mainnet' is not one of main, test, testnet4, signet, regtest "
         "(from --network)\n"
@@ -212,7 +212,8 @@ def test_the_example_deploy_file_loads() -> None:
         "tcp://127.0.0.1:28334",
     )
     assert (s.host, s.port, s.network) == ("127.0.0.1", 8080, "main")
-    assert s.web_dir == Path("/opt/fiatprint/src/web")
+    # The page ships with the package: the example leaves web_dir unset.
+    assert s.web_dir == Settings().web_dir
 
 
 def test_fiatprint_config_prints_settings_with_sources(
@@ -256,3 +257,71 @@ def test_values_another_parser_already_converted_are_accepted() -> None:
     assert _error(argparse.Namespace(port=True), {}) == (
         "port: True has the wrong type (from --port)"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--host", "0.0.0.0:80"],
+            "host: '0.0.0.0:80' is not an IP address or host name (no port here) "
+            "(from --host)",
+        ),
+        (
+            ["--host", "not a host"],
+            "host: 'not a host' is not an IP address or host name (no port here) "
+            "(from --host)",
+        ),
+        (
+            ["--estimate-interval", "1e-300"],
+            "estimate_interval: 1e-300 is not a number of seconds >= 0.01 "
+            "(from --estimate-interval)",
+        ),
+        (
+            ["--window-seconds", "1e-320"],
+            "window_seconds: 1e-320 is not a number of seconds >= 1 "
+            "(from --window-seconds)",
+        ),
+        (
+            ["--web-dir", "~nosuchuser-fiatprint/x"],
+            "web_dir: '~nosuchuser-fiatprint/x': cannot expand '~' (no such user) "
+            "(from --web-dir)",
+        ),
+    ],
+)
+def test_values_that_would_fail_later_are_refused_at_load(
+    argv: list[str], message: str
+) -> None:
+    assert _error(_parse(*argv), {}) == message
+
+
+def test_history_path_naming_a_directory_is_refused(tmp_path: Path) -> None:
+    assert _error(_parse("--history-path", str(tmp_path)), {}) == (
+        f"history_path: '{tmp_path}' is a directory, not a file (from --history-path)"
+    )
+    # A file in a directory that does not exist yet is fine at load time:
+    # systemd's StateDirectory= creates it when the service starts.
+    later = tmp_path / "state" / "history.sqlite"
+    assert load_settings(_parse("--history-path", str(later)), {}).history_path == (
+        later
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"port = \xff\xfe\n", "not valid TOML: not UTF-8"),
+        (
+            b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n",
+            "not valid TOML: values nested too deeply",
+        ),
+    ],
+    ids=["not_utf8", "nested"],
+)
+def test_unreadable_toml_is_one_line(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_bytes(content)
+    message = _error(_parse("--config", str(cfg)), {})
+    assert message == f"config: {cfg}: {problem}"
