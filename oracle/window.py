@@ -221,6 +221,8 @@ class Window:
 
     def announce(self, txid: bytes, now: float) -> None:
         """``sequence A`` for ``txid``: it is a mempool transaction."""
+        # Re-insert so the dict stays in announcement order for expiry.
+        self._announced.pop(txid, None)
         self._announced[txid] = now
 
     def remove(self, txid: bytes) -> int:
@@ -256,7 +258,9 @@ class Window:
             ]
             self._since_c.clear()
             if record is not None:
-                ids = record.txids + ids
+                # The same hash connecting again (a replayed or re-announced
+                # block): each txid once, or the record grows with every repeat.
+                ids = list(dict.fromkeys(record.txids + ids))
             txids = [t for t in ids if t in self._entries]
         else:
             arrival = min(now, float(block.header.time))
@@ -282,7 +286,10 @@ class Window:
             self._set_block(self._entries[t], block_hash)
         if record is not None and height is None:
             height = record.height
-        self._blocks[block_hash] = _BlockRecord(now, height, txids)
+        # A repeated connect keeps the first connect's time, so the record
+        # still ages out of the window.
+        first = record.time if record is not None else now
+        self._blocks[block_hash] = _BlockRecord(first, height, txids)
         return len(txids)
 
     def disconnect(self, block_hash: bytes) -> int:
@@ -323,8 +330,14 @@ class Window:
             self._since_c.pop(txid, None)
             self._drop_outputs(entry)
             n += 1
-        if self._announced and n:
-            self._announced = {t: a for t, a in self._announced.items() if a >= cutoff}
+        # Announcements leave in order of age, whether or not any transaction
+        # expired (a flood of A without rawtx must not stay until one does).
+        announced = self._announced
+        while announced:
+            oldest = next(iter(announced))
+            if announced[oldest] >= cutoff:
+                break
+            del announced[oldest]
         if len(self._new) > 2 * len(self._entries) + 1000:
             # Nobody has taken the new outputs for a while (no rough price
             # yet): keep only those still in the window.

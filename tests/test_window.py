@@ -324,3 +324,33 @@ async def test_actor_estimates_at_most_once_per_interval_and_only_on_change(
         )
         == 0.0
     )
+
+
+def test_the_same_block_hash_connecting_again_confirms_each_txid_once():
+    # Regression: repeats of one block hash (a looping replay) grew its
+    # record by the whole block every time and reset its age.
+    from oracle.window import Window
+
+    txs = list(_block(818677).txs[1:40])
+    w = Window(span=600.0)
+    block_hash = b"\x11" * 32
+    for rnd in range(50):
+        for tx in txs:
+            w.offer(tx, 100.0 + rnd)
+        assert w.connect(block_hash, 100.0 + rnd) == len(txs)
+    assert len(w._blocks[block_hash].txids) == len(txs)
+    assert w._blocks[block_hash].time == 100.0
+    w.expire(100.0 + 600.0 + 51)
+    assert block_hash not in w._blocks
+
+
+def test_announcements_without_transactions_expire_on_their_own():
+    from oracle.window import Window
+
+    w = Window(span=60.0)
+    for i in range(1000):
+        w.announce(i.to_bytes(32, "little"), float(i) / 10)
+    assert w.expire(50.0) == 0  # no transaction in the window at all
+    assert len(w._announced) == 1000  # and no announcement older than 60 s
+    assert w.expire(120.0) == 0  # cutoff 60: the 600 A's before t=60 leave
+    assert len(w._announced) == 400
