@@ -59,6 +59,7 @@ from .metrics import Metrics
 
 __all__ = [
     "INTAKE_TOPICS",
+    "MAXMSGSIZE",
     "RCVHWM",
     "BadFrame",
     "CounterTracker",
@@ -81,8 +82,16 @@ _SEQ_LEN: Final = {b"C": 33, b"D": 33, b"A": 41, b"R": 41}
 #: Receive high-water mark of each SUB socket, in messages. ZMQ's I/O thread
 #: fills this queue even while the trio thread is busy, so it absorbs a block
 #: announcement's burst of ``rawtx`` (thousands at once) that Core's send
-#: queue (1,000 by default) alone would drop. About 1 KB per queued message.
-RCVHWM: Final = 100_000
+#: queue (1,000 by default) alone would drop: 20,000 holds the ``rawtx`` and
+#: ``sequence`` messages of several full blocks. The bound is in messages, not
+#: bytes (ZMQ has no byte bound): typical transactions make it about 10 MB,
+#: but a publisher sending only 4 MB transactions could queue far more. The
+#: node is trusted not to; :data:`MAXMSGSIZE` caps each message.
+RCVHWM: Final = 20_000
+#: Largest message part accepted, in bytes: a transaction can never be larger
+#: than a block (4,000,000 bytes). ZMQ drops the connection of a publisher
+#: that sends more, reconnects, and the counters then show the loss.
+MAXMSGSIZE: Final = 4_000_000
 #: Messages handled between two forced checkpoints when no message is sent on
 #: (a flood of malformed frames must not starve other tasks).
 _CHECKPOINT_EVERY: Final = 64
@@ -262,6 +271,7 @@ class _Intake:
             try:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.RCVHWM, RCVHWM)
+                sock.setsockopt(zmq.MAXMSGSIZE, MAXMSGSIZE)
                 for t in sorted(topics):
                     sock.setsockopt(zmq.SUBSCRIBE, t.encode())
                 sock.connect(endpoint)
@@ -315,8 +325,10 @@ class _Intake:
                 with trio.move_on_at(deadline):
                     await trio.lowlevel.wait_readable(fd)
                 continue
-            self.last_message = trio.current_time()
             if await self.handle(frames, topics):
+                # Only messages in Core's format count as life: a publisher
+                # sending nothing but garbage is as stale as a silent one.
+                self.last_message = trio.current_time()
                 unsent = 0
             else:
                 unsent += 1

@@ -480,3 +480,41 @@ async def test_a_quiet_socket_is_not_stale_while_the_feed_flows(
     # The last rawtx came at about 900 s; the feed was stale 300 s later.
     assert 1200.0 <= waited < 1202.0
     assert _sample(metrics, "fiatprint_zmq_reconnects_total") == 1
+
+
+async def test_a_feed_of_nothing_but_garbage_is_stale(
+    zmq_autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Regression: malformed frames used to count as life, so a publisher
+    # sending only garbage kept the feed "ok" and the watchdog pinging.
+    tx = _block(702861).txs[1]
+    metrics = Metrics()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    pub = HandPub(ctx, "tcp://127.0.0.1:0")
+    try:
+        with trio.fail_after(3600):
+            async with _intake(pub, metrics, stale_seconds=300.0) as recv:
+                pub.send("rawtx", tx.raw)
+                assert isinstance(await recv.receive(), RawTx)
+                start = trio.current_time()
+                stale: list[object] = []
+
+                async def garbage() -> None:
+                    while True:
+                        pub.frames(b"rawtx", b"\x00", b"\x01\x00")  # short counter
+                        await trio.sleep(10.0)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(garbage)
+                    stale = [await recv.receive(), await recv.receive()]
+                    nursery.cancel_scope.cancel()
+                waited = trio.current_time() - start
+    finally:
+        pub.close()
+        ctx.destroy(linger=0)
+    assert sorted((m.kind, m.topic) for m in stale if isinstance(m, FeedTrouble)) == [
+        ("stale", "rawtx"),
+        ("stale", "sequence"),
+    ]
+    assert 300.0 <= waited < 301.0
+    assert _sample(metrics, "fiatprint_zmq_reconnects_total") == 1
