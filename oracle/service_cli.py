@@ -30,7 +30,9 @@ and are counted once, and that clustering repeats on every pass.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
 import signal
 import sys
 import time
@@ -40,7 +42,7 @@ from typing import Final
 import trio
 import zmq
 
-from .config import ConfigError, Settings, load_settings
+from .config import LOG_LEVELS, ConfigError, Settings, load_settings
 from .config import add_arguments as add_setting_arguments
 from .decode import Block, DecodeError
 from .history import HistoryError
@@ -112,6 +114,31 @@ async def _serve(settings: Settings) -> None:
                 break
 
 
+_STARTUP_ERRORS: Final = (OSError, HistoryError, zmq.ZMQError, DecodeError, ValueError)
+
+
+def _startup_error(exc: BaseException) -> BaseException | None:
+    """The first start-up failure inside ``exc`` (which trio may have wrapped in
+    exception groups), or None when it holds something else."""
+    if isinstance(exc, _STARTUP_ERRORS):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _startup_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _explain(exc: BaseException, host: str, port: int) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {host}:{port}: the address is in use (another "
+            "service, or another Fiatprint, holds it; choose another with --port)"
+        )
+    return str(exc)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``fiatprint serve`` (or ``demo``); returns the exit status.
 
@@ -123,14 +150,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args)
     except ConfigError as exc:
-        print(f"fiatprint serve: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"fiatprint serve: {problem}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format)
     try:
         trio.run(_serve, settings)
-    except (OSError, HistoryError, zmq.ZMQError) as exc:
-        notify_status(f"failed: {exc}")
-        print(f"fiatprint serve: {exc}", file=sys.stderr)
+    except BaseException as exc:  # noqa: B036 - re-raised unless a start-up error
+        found = _startup_error(exc)
+        if found is None:
+            raise
+        message = _explain(found, settings.host, settings.port)
+        notify_status(f"failed: {message}")
+        print(f"fiatprint serve: {message}", file=sys.stderr)
         return 1
     return 0
 
@@ -273,8 +305,33 @@ async def run_demo(
         task_status.started(info)
 
 
+def _demo_usage_problem(args: argparse.Namespace) -> str | None:
+    if not (math.isfinite(args.rate) and args.rate > 0):
+        return (
+            "--rate must be a positive number of transactions a second, "
+            f"not {args.rate}"
+        )
+    if args.window_seconds is not None and not (
+        math.isfinite(args.window_seconds) and args.window_seconds >= 1.0
+    ):
+        return f"--window-seconds must be at least 1, not {args.window_seconds}"
+    if not 0 <= args.port <= 65535:
+        return f"--port {args.port} is not a port"
+    if args.log_level.upper() not in LOG_LEVELS:
+        return f"--log-level must be one of {', '.join(LOG_LEVELS)}"
+    return None
+
+
 def run_demo_command(args: argparse.Namespace) -> int:
-    """Run ``fiatprint demo``; returns the exit status."""
+    """Run ``fiatprint demo``; returns the exit status.
+
+    2 for bad flags, 1 when the demo cannot start (port in use, unreadable
+    block file), 0 after SIGINT.
+    """
+    problem = _demo_usage_problem(args)
+    if problem is not None:
+        print(f"fiatprint demo: {problem}", file=sys.stderr)
+        return 2
     setup_logging(args.log_level)
 
     async def main() -> None:
@@ -293,7 +350,12 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     try:
         trio.run(main)
-    except (OSError, ValueError, DecodeError, zmq.ZMQError) as exc:
-        print(f"fiatprint demo: {exc}", file=sys.stderr)
+    except BaseException as exc:  # noqa: B036 - re-raised unless a start-up error
+        found = _startup_error(exc)
+        if found is None:
+            raise
+        print(
+            f"fiatprint demo: {_explain(found, args.host, args.port)}", file=sys.stderr
+        )
         return 1
     return 0
