@@ -234,7 +234,7 @@ class Service:
         ready before reaching the node, so the service starts while the node
         is down. Cancellation stops every actor; an open history is closed.
 
-        Raises:
+        Raises (possibly wrapped in an ``ExceptionGroup`` by trio):
           oracle.history.HistoryError: the history file cannot be opened.
           zmq.ZMQError: a ZMQ endpoint is not a valid address.
         """
@@ -359,7 +359,8 @@ async def run_service(
     free port). Cancellation closes the listener, every connection and every
     actor.
 
-    Raises:
+    Raises (each possibly wrapped in an ``ExceptionGroup`` by trio's
+    nurseries; ``oracle.service_cli`` unwraps them for the operator):
       OSError: the HTTP address cannot be bound.
       oracle.history.HistoryError: the history file cannot be opened.
       zmq.ZMQError: a ZMQ endpoint is not a valid address.
