@@ -432,6 +432,12 @@ class FanOut:
             kind = "estimate"
         elif isinstance(update, BlockEvent):
             fields = _block_fields(update)
+            # A block is announced twice with RPC (from ZMQ, then from the full
+            # block with its height): the later event replaces the earlier.
+            for i, b in enumerate(self._blocks):
+                if b["hash"] == fields["hash"] and b["kind"] == fields["kind"]:
+                    del self._blocks[i]
+                    break
             self._blocks.append(fields)
             frame = _dumps(
                 {"v": PROTOCOL_VERSION, "type": "block", "seq": seq, **fields}

@@ -67,6 +67,11 @@ _WRAP: Final = 2**32
 _POLL_SECONDS: Final = 0.02
 
 
+#: After a replay that does not loop, how long closing may wait for queued
+#: messages to reach the subscribers.
+FLUSH_LINGER_MS: Final = 2000
+
+
 @attrs.define(eq=False)
 class CorePublisher:
     """ZMQ publisher speaking Bitcoin Core's notification format.
@@ -148,10 +153,16 @@ class CorePublisher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Close the sockets (pending messages are discarded). Idempotent."""
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the sockets. Idempotent.
+
+        With ``linger_ms`` 0 pending messages are discarded; otherwise this
+        blocks (when it owns its ZMQ context) for up to ``linger_ms`` while
+        they are delivered to connected subscribers.
+        """
         for sock in {id(s): s for s in self.sockets.values()}.values():
-            sock.close(linger=0)
+            if not sock.closed:
+                sock.close(linger=linger_ms)
         if self._owns_context and not self.context.closed:
             self.context.term()
 
@@ -376,6 +387,8 @@ async def run_replay(
             rounds += 1
             if not loop or not decoded:
                 logger.info("%s", kv("replay_done", rounds=rounds, dropped=pub.dropped))
+                # Let the last block's announcement reach the subscribers.
+                await trio.to_thread.run_sync(pub.close, FLUSH_LINGER_MS)
                 return
             next_at = max(next_at, trio.current_time())
 

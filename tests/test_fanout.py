@@ -296,3 +296,24 @@ async def test_run_coalesces_points_per_interval_keeping_order(
     assert (third["type"], third["seq"]) == ("estimate", 3)
     assert (fourth["type"], fourth["seq"], len(fourth["points"])) == ("points", 4, 1)
     assert fan.statistics().points == 6
+
+
+def test_a_block_announced_again_replaces_its_snapshot_entry() -> None:
+    # With RPC a block comes from ZMQ first (no height), then from the full
+    # block: the snapshot keeps one entry per hash and kind, the later one.
+    from oracle.events import BlockEvent
+
+    fan = FanOut(metrics=Metrics())
+    h1, h2 = "11" * 32, "22" * 32
+    fan.publish(BlockEvent(h1, None, 1.0, "connected", 10))
+    fan.publish(BlockEvent(h2, None, 2.0, "connected", 5))
+    fan.publish(BlockEvent(h1, 818677, 3.0, "connected", 3463))
+    fan.publish(BlockEvent(h1, 818677, 4.0, "disconnected", 3463))
+    blocks = json.loads(fan.snapshot_frame())["blocks"]
+    assert [
+        (b["hash"], b["height"], b["kind"], b["confirmed_txids"]) for b in blocks
+    ] == [
+        (h2, None, "connected", 5),
+        (h1, 818677, "connected", 3463),
+        (h1, 818677, "disconnected", 3463),
+    ]

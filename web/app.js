@@ -488,6 +488,10 @@
         addPoints(m.points); state.lastSeq = m.seq;
         break;
       case "block":
+        // The same block may come twice (from ZMQ, then from the full block
+        // with its height): the later message replaces the earlier one.
+        state.blocks = state.blocks.filter(
+          (b) => !(b.hash === m.hash && b.kind === m.kind));
         state.blocks.push(m);
         if (state.blocks.length > MAX_BLOCKS) state.blocks.shift();
         state.lastSeq = m.seq; renderBlocks();
