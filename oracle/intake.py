@@ -220,6 +220,7 @@ class _Intake:
             return False
         if m is not None:
             m.messages.labels(topic).inc()
+            m.last_message.set(received)
         sent = False
         trouble = self.counters.check(topic, counter)
         if trouble is not None:

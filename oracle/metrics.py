@@ -45,6 +45,11 @@ class Metrics:
         self.reconnects = Counter(
             p + "zmq_reconnects", "Reconnects after a silent feed", registry=r
         )
+        self.last_message = Gauge(
+            p + "zmq_last_message_timestamp_seconds",
+            "Unix time of the last well-formed ZMQ message",
+            registry=r,
+        )
         self.decode_errors = Counter(
             p + "decode_errors", "Malformed messages dropped", ["reason"], registry=r
         )
@@ -92,6 +97,30 @@ class Metrics:
     def _price_age(self) -> float:
         updated = self.price_updated._value.get()
         return time.time() - updated if updated else float("nan")
+
+    def feed_summary(self) -> dict[str, object]:
+        """The ZMQ feed's counters for ``/health``: seconds since the last
+        well-formed message (None before the first), and messages, lost
+        messages, restarts, reconnects and WebSocket clients so far."""
+        per_topic: dict[str, dict[str, float]] = {"messages": {}, "lost_messages": {}}
+        names = {
+            "fiatprint_zmq_messages_total": "messages",
+            "fiatprint_zmq_lost_messages_total": "lost_messages",
+        }
+        for family in self.registry.collect():
+            for sample in family.samples:
+                key = names.get(sample.name)
+                if key is not None:
+                    per_topic[key][sample.labels["topic"]] = sample.value
+        get = self.registry.get_sample_value
+        last = get("fiatprint_zmq_last_message_timestamp_seconds")
+        return {
+            "last_message_age": time.time() - last if last else None,
+            **per_topic,
+            "restarts": get("fiatprint_node_restarts_total") or 0.0,
+            "reconnects": get("fiatprint_zmq_reconnects_total") or 0.0,
+            "clients": get("fiatprint_ws_clients") or 0.0,
+        }
 
     def render(self) -> bytes:
         """The metrics in Prometheus text format."""

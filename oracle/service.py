@@ -186,6 +186,7 @@ class Service:
             },
             "estimate": est,
             "node": node,
+            "zmq": self.metrics.feed_summary(),
         }
 
     def healthy(self) -> bool:

@@ -24,7 +24,10 @@ How the window follows the node:
   had no ``sequence A`` (a mempool transaction is announced with ``A``; a
   block transaction the window never saw in the mempool is not). A
   transaction whose ``A`` was lost to a gap can thus be confirmed wrongly
-  until the full block corrects it.
+  until the full block corrects it. Because ``rawtx`` and ``sequence``
+  usually arrive on different sockets, the ``C`` can be read before the
+  repeats; repeats read within ``CONFIRM_GRACE`` seconds after it still
+  join that block.
 * A :class:`~oracle.events.BlockConnected` that carries the decoded block
   (fetched over RPC) confirms exactly the block's txids, un-confirms any the
   ZMQ inference had wrongly given to that block, and adds the block's
@@ -76,7 +79,13 @@ from .filter import Reject, kept_outputs, reject_reason
 from .logging import RateLimitedLog, kv
 from .metrics import Metrics
 
-__all__ = ["MAX_POINTS_PER_BATCH", "THREAD_THRESHOLD", "Window", "run_window"]
+__all__ = [
+    "CONFIRM_GRACE",
+    "MAX_POINTS_PER_BATCH",
+    "THREAD_THRESHOLD",
+    "Window",
+    "run_window",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +97,15 @@ THREAD_THRESHOLD: Final = 20_000
 #: A feed with no gap or restart for this many seconds is reported healthy
 #: again (a stale feed is healthy again as soon as a message arrives).
 FEED_OK_AFTER: Final = 60.0
+#: Seconds after a block connection known from ZMQ alone during which a
+#: ``rawtx`` repeat still confirms into that block. Core publishes a block's
+#: repeats before its ``sequence C``, but the two topics usually come on
+#: different sockets, so the C can be read while thousands of repeats are
+#: still queued or being decoded. A repeat is certain (Core publishes a
+#: transaction's ``rawtx`` only on mempool entry and in a block), so late
+#: ones join the block; a late *first* sighting stays in the mempool state
+#: until the full block (over RPC) says otherwise.
+CONFIRM_GRACE: Final = 10.0
 _NO_SEEN: Final[frozenset[bytes]] = frozenset()
 
 
@@ -139,6 +157,9 @@ class Window:
     _blocks: dict[bytes, _BlockRecord] = attrs.field(factory=dict)
     _since_c: dict[bytes, bool] = attrs.field(factory=dict)
     _announced: dict[bytes, float] = attrs.field(factory=dict)
+    #: The last block connected from ZMQ alone and until when its late
+    #: repeats still join it (see CONFIRM_GRACE).
+    _late: tuple[bytes, float] | None = None
     _new: list[bytes] = attrs.field(factory=list)
 
     # ------------------------------------------------------------ queries
@@ -191,8 +212,17 @@ class Window:
         used, or None.
         """
         txid = tx.txid
-        if txid in self._entries:
-            self._since_c[txid] = True
+        entry = self._entries.get(txid)
+        if entry is not None:
+            late = self._late
+            if late is not None and now <= late[1] and entry.block is None:
+                # A repeat read after its block's C (see CONFIRM_GRACE).
+                self._set_block(txid, entry, late[0])
+                record = self._blocks.get(late[0])
+                if record is not None:
+                    record.txids.append(txid)
+            else:
+                self._since_c[txid] = True
             return False, None
         if kept is None:
             reject = reject_reason(tx, _NO_SEEN)
@@ -274,7 +304,7 @@ class Window:
                         and entry is not None
                         and entry.block == block_hash
                     ):
-                        self._set_block(entry, None)
+                        self._set_block(t, entry, None)
             for tx in block.txs:
                 if tx.txid not in self._entries:
                     self.offer(tx, arrival)
@@ -283,13 +313,17 @@ class Window:
             if height is None:
                 height = block.bip34_height
         for t in txids:
-            self._set_block(self._entries[t], block_hash)
+            self._set_block(t, self._entries[t], block_hash)
         if record is not None and height is None:
             height = record.height
         # A repeated connect keeps the first connect's time, so the record
         # still ages out of the window.
         first = record.time if record is not None else now
         self._blocks[block_hash] = _BlockRecord(first, height, txids)
+        if block is None:
+            self._late = (block_hash, now + CONFIRM_GRACE)
+        elif self._late is not None and self._late[0] == block_hash:
+            self._late = None
         return len(txids)
 
     def disconnect(self, block_hash: bytes) -> int:
@@ -297,6 +331,8 @@ class Window:
 
         Returns how many window txids it un-confirmed.
         """
+        if self._late is not None and self._late[0] == block_hash:
+            self._late = None
         record = self._blocks.pop(block_hash, None)
         if record is None:
             return 0
@@ -304,7 +340,7 @@ class Window:
         for t in record.txids:
             entry = self._entries.get(t)
             if entry is not None and entry.block == block_hash:
-                self._set_block(entry, None)
+                self._set_block(t, entry, None)
                 n += 1
         return n
 
@@ -356,20 +392,23 @@ class Window:
         """``(txid, arrival, sats, confirmed)`` of transactions with kept
         outputs added since the last call and still in the window."""
         out = []
-        for t in self._new:
+        for t in dict.fromkeys(self._new):
             entry = self._entries.get(t)
             if entry is not None and entry.sats:
                 out.append((t, entry.time, entry.sats, entry.block is not None))
         self._new = []
         return out
 
-    def _set_block(self, entry: _Entry, block_hash: bytes | None) -> None:
+    def _set_block(self, txid: bytes, entry: _Entry, block_hash: bytes | None) -> None:
         was = entry.block is not None
         entry.block = block_hash
         now = block_hash is not None
         if was != now and entry.sats:
             self.confirmed_outputs += len(entry.sats) if now else -len(entry.sats)
             self.version += 1
+            # Its points are sent again with the new state, so the page moves
+            # them between the mempool and confirmed clouds.
+            self._new.append(txid)
 
     def _drop_outputs(self, entry: _Entry) -> None:
         if not entry.sats:
@@ -436,7 +475,6 @@ class _Actor:
 
     def apply(self, event: WindowEvent) -> None:
         w = self.window
-        m = self.metrics
         if isinstance(event, TxSeen):
             kept = event.kept if event.checked else None
             w.offer(event.tx, event.received, reject=event.reject, kept=kept)
@@ -445,24 +483,7 @@ class _Actor:
         elif isinstance(event, TxRemoved):
             w.remove(event.txid)
         elif isinstance(event, BlockConnected):
-            n = w.connect(
-                event.hash, event.received, block=event.block, height=event.height
-            )
-            height = w.block_height(event.hash)
-            if height is not None and m is not None:
-                m.last_block_height.set(height)
-            log.info(
-                kv(
-                    "block_connected",
-                    hash=event.hash[::-1].hex(),
-                    height=height,
-                    confirmed=n,
-                    full=event.block is not None,
-                )
-            )
-            self.send(
-                BlockEvent(event.hash[::-1].hex(), height, self.clock(), "connected", n)
-            )
+            self._connect(event)
         elif isinstance(event, BlockDisconnected):
             height = w.block_height(event.hash)
             n = w.disconnect(event.hash)
@@ -484,6 +505,27 @@ class _Actor:
             self.trouble_at = trio.current_time()
         if self.feed_status == "stale" and not isinstance(event, FeedTrouble | Resync):
             self.feed_alive = True
+
+    def _connect(self, event: BlockConnected) -> None:
+        w = self.window
+        n = w.connect(
+            event.hash, event.received, block=event.block, height=event.height
+        )
+        height = w.block_height(event.hash)
+        if height is not None and self.metrics is not None:
+            self.metrics.last_block_height.set(height)
+        log.info(
+            kv(
+                "block_connected",
+                hash=event.hash[::-1].hex(),
+                height=height,
+                confirmed=n,
+                full=event.block is not None,
+            )
+        )
+        self.send(
+            BlockEvent(event.hash[::-1].hex(), height, self.clock(), "connected", n)
+        )
 
     async def tick(self, *, use_thread: bool | None = None) -> None:
         """Expire, re-estimate if the window changed, send what is new."""

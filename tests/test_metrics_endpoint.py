@@ -3,6 +3,7 @@ counters move exactly as good and bad messages arrive over real ZMQ."""
 
 from __future__ import annotations
 
+import json
 import struct
 from collections import Counter
 from pathlib import Path
@@ -116,4 +117,12 @@ async def test_metrics_parse_and_count_good_and_bad_messages() -> None:
                 one("fiatprint_window_outputs", state="mempool"),
                 outputs - removed,
             )
+            # /health carries the same feed counters.
+            status, _, body = await http_get(info.url + "/health")
+            zmq_health = json.loads(body)["zmq"]
+            assert status in (200, 503)
+            assert zmq_health["messages"] == {"rawtx": 201.0, "sequence": 201.0}
+            assert zmq_health["lost_messages"] == {"sequence": 7.0}
+            assert (zmq_health["restarts"], zmq_health["reconnects"]) == (0.0, 0.0)
+            assert 0.0 <= zmq_health["last_message_age"] < 60.0
             nursery.cancel_scope.cancel()

@@ -67,8 +67,16 @@ def demo_updates(now: float, older_copies: int = 0) -> list[Any]:
         attrs.evolve(p, confirmed=False, time=now - 600 + 600 * i / (len(pts) - half))
         for i, p in enumerate(pts[half:])
     )
+    # Older copies stand for other transactions: the page keys points by
+    # txid and price (a transaction's points come again when it confirms),
+    # so each copy gets txids of its own.
     older = [
-        PointsBatch(tuple(attrs.evolve(p, time=now - 1300 - 600 * c) for p in pts))
+        PointsBatch(
+            tuple(
+                attrs.evolve(p, time=now - 1300 - 600 * c, txid=f"{c:02x}{p.txid[2:]}")
+                for p in pts
+            )
+        )
         for c in range(older_copies)
     ]
     return [

@@ -33,7 +33,7 @@ from oracle.events import (
 from oracle.filter import Reject, TxFilter
 from oracle.metrics import Metrics
 from oracle.pipeline import to_window_event
-from oracle.window import Window, run_window
+from oracle.window import CONFIRM_GRACE, Window, run_window
 
 BLOCKS = Path(__file__).parent / "data" / "blocks"
 PRICE_702861 = 42951.63645734903
@@ -158,15 +158,17 @@ def test_confirmation_from_zmq_repeats_and_first_sightings(b702861: Block) -> No
     connect = Window.connect
     # An earlier C clears what came before.
     assert connect(w, b"\x01" * 32, 1.5) == 0
-    # The block announcement: every block tx's rawtx again (repeats for
-    # 1..99), plus coinbase and 200..299 never seen in the mempool.
+    # The block announcement, after the earlier C's grace for late repeats:
+    # every block tx's rawtx again (repeats for 1..99), plus coinbase and
+    # 200..299 never seen in the mempool.
+    later = 1.5 + CONFIRM_GRACE + 0.5
     block_txs = [txs[0], *txs[1:100], *txs[200:300]]
     for tx in block_txs:
-        w.offer(tx, 2.0)
+        w.offer(tx, later)
     # A mempool transaction arriving during the burst, announced with A.
-    w.offer(txs[300], 2.0)
-    w.announce(txs[300].txid, 2.0)
-    n = w.connect(b"\x02" * 32, 2.5, height=702861)
+    w.offer(txs[300], later)
+    w.announce(txs[300].txid, later)
+    n = w.connect(b"\x02" * 32, later + 0.5, height=702861)
     assert n == len(block_txs) == 200
     assert all(w.is_confirmed(tx.txid) for tx in block_txs)
     assert not any(w.is_confirmed(tx.txid) for tx in txs[100:200])
@@ -295,8 +297,16 @@ async def test_actor_estimates_at_most_once_per_interval_and_only_on_change(
         ("disconnected", None, 2499),
     ]
     points = [p for u in updates if isinstance(u, PointsBatch) for p in u.points]
-    assert len(points) == estimates[0].estimate.point_count
-    assert all(p.confirmed for p in points)
+    first = estimates[0].estimate.point_count
+    assert all(p.confirmed for p in points[:first])
+    # The D sends the points of the transactions still in the window again,
+    # now in the mempool state (the page moves them back between clouds):
+    # all but those of the transaction the R removed.
+    removed = {b702861.txs[1].txid[::-1].hex()}
+    again = [(p.txid, p.price) for p in points[:first] if p.txid not in removed]
+    assert [(p.txid, p.price) for p in points[first:]] == again
+    assert not any(p.confirmed for p in points[first:])
+    points = points[:first]
     assert math.isclose(
         sorted(p.price for p in points)[len(points) // 2], PRICE_702861, rel_tol=0.05
     )
@@ -354,3 +364,26 @@ def test_announcements_without_transactions_expire_on_their_own():
     assert len(w._announced) == 1000  # and no announcement older than 60 s
     assert w.expire(120.0) == 0  # cutoff 60: the 600 A's before t=60 leave
     assert len(w._announced) == 400
+
+
+def test_repeats_read_after_their_blocks_c_still_confirm_into_it(b702861: Block):
+    # rawtx and sequence come on different sockets: the C may be read before
+    # the block's rawtx repeats. Repeats within CONFIRM_GRACE join the block;
+    # later ones wait for the next C.
+    txs = b702861.txs[1:101]
+    w = Window(span=3600.0)
+    for tx in txs:
+        w.announce(tx.txid, 10.0)
+        w.offer(tx, 10.0)
+    block_hash = b702861.header.hash
+    assert w.connect(block_hash, 20.0) == 0  # no repeat read yet
+    for tx in txs[:60]:
+        w.offer(tx, 20.0 + CONFIRM_GRACE)  # late, within the grace
+    for tx in txs[60:]:
+        w.offer(tx, 20.0 + CONFIRM_GRACE + 0.5)  # too late for this C
+    confirmed = sum(len(w.kept_sats(tx.txid)) for tx in txs[:60])
+    assert confirmed > 0
+    assert w.confirmed_outputs == confirmed
+    assert w._blocks[block_hash].txids == [tx.txid for tx in txs[:60]]
+    # The next C takes the ones that were too late for this one.
+    assert w.connect(b"\x22" * 32, 30.0) == 40

@@ -8,6 +8,9 @@
   const BACKOFF_MIN = 500;      // ms
   const BACKOFF_MAX = 30000;    // ms
   const STALE_AGE = 1800;       // s: the price is shown as stale after this
+  // Below this many outputs in the window the page says the price may be off
+  // by a factor of two (the fit can lock onto half or double the price).
+  const FEW_OUTPUTS = 1500;
   const DOT = 2;                // CSS px
   const CELL = 8;               // CSS px, hover grid cell
   const HOVER_RADIUS = 6;       // CSS px
@@ -34,14 +37,33 @@
   };
   window.fiatprint = { state, drawn: 0, connected: false, snapshots: 0 };
 
+  // Index of each point by txid and price: a transaction's points come again
+  // when its state changes (mempool -> confirmed when its block connects,
+  // back on a disconnection), and then replace the earlier copies in place.
+  let pointIndex = new Map();
+
   function clearPoints() {
     state.price = []; state.sats = []; state.time = []; state.txid = [];
     state.confirmed = [];
+    pointIndex = new Map();
   }
 
   function addPoints(rows) {
+    // Two equal outputs of one transaction give two equal points: the key
+    // counts repeats within the message so both are kept.
+    const repeats = new Map();
     for (const r of rows) {
       if (r[0] === null) continue;
+      const base = r[3] + "|" + r[0];
+      const k = repeats.get(base) || 0;
+      repeats.set(base, k + 1);
+      const key = base + "|" + k;
+      const i = pointIndex.get(key);
+      if (i !== undefined) {
+        state.time[i] = r[2]; state.confirmed[i] = r[4];
+        continue;
+      }
+      pointIndex.set(key, state.price.length);
       state.price.push(r[0]); state.sats.push(r[1]); state.time.push(r[2]);
       state.txid.push(r[3]); state.confirmed.push(r[4]);
     }
@@ -49,6 +71,14 @@
     if (extra > 0) {
       for (const k of ["price", "sats", "time", "txid", "confirmed"]) {
         state[k] = state[k].slice(extra);
+      }
+      pointIndex = new Map();
+      const counts = new Map();
+      for (let i = 0; i < state.price.length; i++) {
+        const base = state.txid[i] + "|" + state.price[i];
+        const k = counts.get(base) || 0;
+        counts.set(base, k + 1);
+        pointIndex.set(base + "|" + k, i);
       }
     }
   }
@@ -89,7 +119,12 @@
       if (e.spread !== null) parts.push(`spread \u00b1$${usd.format(e.spread)}`);
       parts.push(`${e.points.toLocaleString()} points from ` +
         `${e.outputs.toLocaleString()} outputs`);
+      if (e.outputs < FEW_OUTPUTS) {
+        // With few outputs the fit can lock onto half or double the price.
+        parts.push(`few outputs yet: the price may be off by a factor of two`);
+      }
       el.details.textContent = parts.join(" \u00b7 ");
+      el.price.classList.toggle("few", e.outputs < FEW_OUTPUTS);
     }
     renderAge();
   }
