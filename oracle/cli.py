@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args))
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:
+        # Ctrl-C inside trio arrives wrapped in the nurseries' groups.
+        _, rest = group.split(KeyboardInterrupt)
+        if rest is None:
+            return 130
+        raise
 
 
 if __name__ == "__main__":

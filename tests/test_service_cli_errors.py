@@ -83,3 +83,27 @@ def test_every_config_problem_is_its_own_prefixed_line() -> None:
         "(no port here) (from --host)\n"
         "fiatprint serve: port: 70000 is not a port (from --port)\n"
     )
+
+
+def test_ctrl_c_stops_the_demo_with_status_130_and_no_traceback() -> None:
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oracle.cli", "demo", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell may start background jobs with SIGINT ignored; a user's
+        # terminal does not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("Fiatprint demo: open http://127.0.0.1:")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err
