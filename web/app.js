@@ -37,10 +37,14 @@
   };
   window.fiatprint = { state, drawn: 0, connected: false, snapshots: 0 };
 
-  // Index of each point by txid and price: a transaction's points come again
-  // when its state changes (mempool -> confirmed when its block connects,
-  // back on a disconnection), and then replace the earlier copies in place.
+  // Index of each point by txid, amount and price. A transaction's points
+  // come again when its state changes (mempool -> confirmed when its block
+  // connects, back on a disconnection) and replace the earlier copies in
+  // place; a snapshot may hold both copies, and the later one wins. Two equal
+  // outputs of one transaction give the same key and one dot (they would be
+  // drawn on the same pixel anyway).
   let pointIndex = new Map();
+  const pointKey = (txid, sats, price) => txid + "|" + sats + "|" + price;
 
   function clearPoints() {
     state.price = []; state.sats = []; state.time = []; state.txid = [];
@@ -49,15 +53,9 @@
   }
 
   function addPoints(rows) {
-    // Two equal outputs of one transaction give two equal points: the key
-    // counts repeats within the message so both are kept.
-    const repeats = new Map();
     for (const r of rows) {
       if (r[0] === null) continue;
-      const base = r[3] + "|" + r[0];
-      const k = repeats.get(base) || 0;
-      repeats.set(base, k + 1);
-      const key = base + "|" + k;
+      const key = pointKey(r[3], r[1], r[0]);
       const i = pointIndex.get(key);
       if (i !== undefined) {
         state.time[i] = r[2]; state.confirmed[i] = r[4];
@@ -73,12 +71,8 @@
         state[k] = state[k].slice(extra);
       }
       pointIndex = new Map();
-      const counts = new Map();
       for (let i = 0; i < state.price.length; i++) {
-        const base = state.txid[i] + "|" + state.price[i];
-        const k = counts.get(base) || 0;
-        counts.set(base, k + 1);
-        pointIndex.set(base + "|" + k, i);
+        pointIndex.set(pointKey(state.txid[i], state.sats[i], state.price[i]), i);
       }
     }
   }
