@@ -86,6 +86,11 @@ def demo_updates(now: float, older_copies: int = 0) -> list[Any]:
         *older,
         PointsBatch(confirmed),
         PointsBatch(mempool),
+        # The first 200 mempool points again, now confirmed (their block
+        # connected): the page must move those dots, not add new ones.
+        PointsBatch(
+            tuple(attrs.evolve(p, confirmed=True, time=now - 5) for p in mempool[:200])
+        ),
         estimate_at(update, now - 2),
     ]
 
@@ -316,6 +321,21 @@ async def test_page_shows_price_draws_clouds_and_reconnects(tmp_path: Path) -> N
                     await cdp.evaluate(s, "document.getElementById('conn').textContent")
                     == "live"
                 )
+                first = distinct(
+                    [
+                        p
+                        for u in demo_updates(0.0)
+                        if hasattr(u, "points")
+                        for p in u.points
+                    ]
+                )
+                assert await cdp.evaluate(
+                    s,
+                    "window.fiatprint.state.confirmed.filter(Boolean).length",
+                ) == sum(1 for p in first if p.confirmed)
+                assert await cdp.evaluate(
+                    s, "window.fiatprint.state.price.length"
+                ) == len(first)
                 pixels = await cdp.evaluate(s, COUNT_PIXELS)
                 assert pixels["dpr"] == 2
                 assert pixels["width"] == 2 * pixels["css"]  # sharp on HiDPI
@@ -353,7 +373,7 @@ async def test_page_shows_price_draws_clouds_and_reconnects(tmp_path: Path) -> N
                 assert await cdp.evaluate(s, "window.fiatprint.state.price.length") == (
                     len(full)
                 )
-                assert len(full) > MAX_POINTS - 100
+                assert len(full) > MAX_POINTS - 300  # 200 re-sends, a few equal outputs
                 assert await cdp.evaluate(s, "window.fiatprint.drawn") == in_band_full
                 rows = await cdp.wait_for(
                     s,
