@@ -344,6 +344,17 @@ class Window:
                 n += 1
         return n
 
+    def late_block(self) -> tuple[bytes, int, float] | None:
+        """The block connected from ZMQ alone that late repeats still join:
+        its hash, how many window txids it has confirmed so far, and when it
+        connected. None when there is none (or it has left the window)."""
+        if self._late is None:
+            return None
+        record = self._blocks.get(self._late[0])
+        if record is None:
+            return None
+        return self._late[0], len(record.txids), record.time
+
     def block_height(self, block_hash: bytes) -> int | None:
         record = self._blocks.get(block_hash)
         return record.height if record is not None else None
@@ -452,6 +463,8 @@ class _Actor:
     feed_status: str = "ok"
     feed_alive: bool = False
     reported: Counter[Reject] = attrs.field(factory=Counter)
+    #: Confirmed-txid count last sent in a BlockEvent, for the latest block.
+    block_counts: dict[bytes, int] = attrs.field(factory=dict)
 
     def _count_rejections(self) -> None:
         """Add the window's new rejections (feed and full blocks alike) to
@@ -511,6 +524,7 @@ class _Actor:
         n = w.connect(
             event.hash, event.received, block=event.block, height=event.height
         )
+        self.block_counts = {event.hash: n}
         height = w.block_height(event.hash)
         if height is not None and self.metrics is not None:
             self.metrics.last_block_height.set(height)
@@ -535,6 +549,16 @@ class _Actor:
         w.expire(now)
         self._count_rejections()
         self._feed_status()
+        late = w.late_block()
+        if late is not None and late[1] > self.block_counts.get(late[0], late[1]):
+            # Late repeats joined the block since its BlockEvent: send it
+            # again with the count (the page replaces it by hash).
+            block_hash, n, connected_at = late
+            self.block_counts[block_hash] = n
+            height = w.block_height(block_hash)
+            self.send(
+                BlockEvent(block_hash[::-1].hex(), height, connected_at, "connected", n)
+            )
         if w.version != self.estimated_version:
             amounts = w.amounts()
             hist = Histogram(w.histogram.counts.copy())

@@ -387,3 +387,47 @@ def test_repeats_read_after_their_blocks_c_still_confirm_into_it(b702861: Block)
     assert w._blocks[block_hash].txids == [tx.txid for tx in txs[:60]]
     # The next C takes the ones that were too late for this one.
     assert w.connect(b"\x22" * 32, 30.0) == 40
+
+
+async def test_late_repeats_resend_the_block_event_with_the_final_count(
+    autojump_clock: trio.testing.MockClock, b702861: Block
+) -> None:
+    from oracle.events import TxAnnounced, TxSeen
+
+    txs = b702861.txs[1:101]
+    settings = Settings(window_seconds=3600.0, estimate_interval=1.0)
+    ev_send, ev_recv = trio.open_memory_channel[WindowEvent](4096)
+    up_send, up_recv = trio.open_memory_channel[Update](4096)
+    updates: list[Update] = []
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: run_window(
+                    ev_recv,
+                    up_send,
+                    settings=settings,
+                    clock=trio.current_time,
+                    task_status=task_status,
+                )
+            )
+            for tx in txs:
+                await ev_send.send(TxAnnounced(tx.txid, None, 0.0))
+                await ev_send.send(TxSeen(tx, 0.0))
+            await trio.sleep(2.0)
+            # The C is read before the repeats (they come on another socket).
+            await ev_send.send(BlockConnected(b702861.header.hash, None, None, 2.0))
+            for tx in txs:
+                await ev_send.send(TxSeen(tx, 3.0))
+            await trio.sleep(3.0)
+            await ev_send.aclose()
+            async for u in up_recv:
+                updates.append(u)
+    blocks = [
+        (b.hash, b.confirmed_txids, b.time)
+        for b in updates
+        if isinstance(b, BlockEvent)
+    ]
+    assert blocks == [
+        (b702861.hash_hex, 0, 2.0),
+        (b702861.hash_hex, 100, 2.0),
+    ]
