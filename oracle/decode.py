@@ -27,6 +27,7 @@ __all__ = [
     "Tx",
     "TxIn",
     "TxOut",
+    "coinbase_height",
     "double_sha256",
     "merkle_root",
     "parse_block",
@@ -351,6 +352,16 @@ def _bip34_height(coinbase: Tx, version: int) -> int | None:
     if 0x51 <= n <= 0x60:  # OP_1..OP_16 encode heights 1..16
         return n - 0x50
     return None
+
+
+def coinbase_height(coinbase: Tx) -> int | None:
+    """The BIP34 height pushed by a coinbase transaction seen on its own (as
+    from a node's ``rawtx`` feed, without its block's header): assumes a
+    BIP34 block (height 227931 or later); None if it is not a coinbase or
+    pushes no height."""
+    if not coinbase.is_coinbase:
+        return None
+    return _bip34_height(coinbase, 2)
 
 
 def parse_block(data: bytes) -> Block:

@@ -57,7 +57,7 @@ import numpy as np
 import trio
 
 from .config import Settings
-from .decode import Block, Tx
+from .decode import Block, Tx, coinbase_height
 from .estimate import Estimate, Histogram, Params, estimate, implied_prices
 from .events import (
     BlockConnected,
@@ -160,6 +160,8 @@ class Window:
     #: The last block connected from ZMQ alone and until when its late
     #: repeats still join it (see CONFIRM_GRACE).
     _late: tuple[bytes, float] | None = None
+    #: BIP34 height of the coinbase seen since the last connect, if any.
+    _coinbase_height: int | None = None
     _new: list[bytes] = attrs.field(factory=list)
 
     # ------------------------------------------------------------ queries
@@ -224,6 +226,10 @@ class Window:
             else:
                 self._since_c[txid] = True
             return False, None
+        if tx.inputs and tx.inputs[0].is_coinbase:
+            # A block's coinbase, first seen in its announcement: its BIP34
+            # push gives the height a block known from ZMQ alone lacks.
+            self._note_coinbase_height(coinbase_height(tx), now)
         if kept is None:
             reject = reject_reason(tx, _NO_SEEN)
             kept = () if reject is not None else tuple(kept_outputs(tx))
@@ -322,8 +328,11 @@ class Window:
         self._blocks[block_hash] = _BlockRecord(first, height, txids)
         if block is None:
             self._late = (block_hash, now + CONFIRM_GRACE)
+            if height is None:
+                self._blocks[block_hash].height = self._coinbase_height
         elif self._late is not None and self._late[0] == block_hash:
             self._late = None
+        self._coinbase_height = None
         return len(txids)
 
     def disconnect(self, block_hash: bytes) -> int:
@@ -343,6 +352,15 @@ class Window:
                 self._set_block(t, entry, None)
                 n += 1
         return n
+
+    def _note_coinbase_height(self, height: int | None, now: float) -> None:
+        late = self._late
+        if late is not None and now <= late[1]:
+            record = self._blocks.get(late[0])
+            if record is not None and record.height is None:
+                record.height = height  # read after its block's C
+                return
+        self._coinbase_height = height
 
     def late_block(self) -> tuple[bytes, int, float] | None:
         """The block connected from ZMQ alone that late repeats still join:
@@ -464,7 +482,7 @@ class _Actor:
     feed_alive: bool = False
     reported: Counter[Reject] = attrs.field(factory=Counter)
     #: Confirmed-txid count last sent in a BlockEvent, for the latest block.
-    block_counts: dict[bytes, int] = attrs.field(factory=dict)
+    block_counts: dict[bytes, tuple[int, int | None]] = attrs.field(factory=dict)
 
     def _count_rejections(self) -> None:
         """Add the window's new rejections (feed and full blocks alike) to
@@ -524,7 +542,7 @@ class _Actor:
         n = w.connect(
             event.hash, event.received, block=event.block, height=event.height
         )
-        self.block_counts = {event.hash: n}
+        self.block_counts = {event.hash: (n, w.block_height(event.hash))}
         height = w.block_height(event.hash)
         if height is not None and self.metrics is not None:
             self.metrics.last_block_height.set(height)
@@ -550,12 +568,13 @@ class _Actor:
         self._count_rejections()
         self._feed_status()
         late = w.late_block()
-        if late is not None and late[1] > self.block_counts.get(late[0], late[1]):
+        state = None if late is None else (late[1], w.block_height(late[0]))
+        if late is not None and state != self.block_counts.get(late[0], state):
             # Late repeats joined the block since its BlockEvent: send it
             # again with the count (the page replaces it by hash).
             block_hash, n, connected_at = late
-            self.block_counts[block_hash] = n
             height = w.block_height(block_hash)
+            self.block_counts[block_hash] = (n, height)
             self.send(
                 BlockEvent(block_hash[::-1].hex(), height, connected_at, "connected", n)
             )

@@ -399,9 +399,10 @@ async def test_service_with_rpc_loads_the_baseline_and_confirms_by_full_block() 
                 nursery.cancel_scope.cancel()
     blocks = _blocks(frames)
     assert blocks[0] == (_hash(818677), 1000)
-    # The block is announced over ZMQ (height unknown), then known from the
-    # full block, with its height.
-    assert blocks[-2:] == [(block.hash_hex, None), (block.hash_hex, 1001)]
+    # The block is announced over ZMQ, with the height its coinbase pushes
+    # (BIP34: the real block is 553724, which the stand-in serves at 1001),
+    # then known from the full block, with the node's height.
+    assert blocks[-2:] == [(block.hash_hex, 553724), (block.hash_hex, 1001)]
     assert body["price"] == expected.price
     assert body["rough_price"] == expected.rough_price
     assert body["confirmed_outputs"] == len(amounts)

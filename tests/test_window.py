@@ -293,8 +293,9 @@ async def test_actor_estimates_at_most_once_per_interval_and_only_on_change(
     assert estimates[3].estimate.price is None
     blocks = [u for u in updates if isinstance(u, BlockEvent)]
     assert [(b.kind, b.height, b.confirmed_txids) for b in blocks] == [
-        ("connected", None, 2500),
-        ("disconnected", None, 2499),
+        # The height comes from the coinbase's BIP34 push in the announcement.
+        ("connected", 702861, 2500),
+        ("disconnected", 702861, 2499),
     ]
     points = [p for u in updates if isinstance(u, PointsBatch) for p in u.points]
     first = estimates[0].estimate.point_count
@@ -431,3 +432,24 @@ async def test_late_repeats_resend_the_block_event_with_the_final_count(
         (b702861.hash_hex, 0, 2.0),
         (b702861.hash_hex, 100, 2.0),
     ]
+
+
+def test_a_block_known_from_zmq_takes_its_height_from_the_coinbase(b702861: Block):
+    w = Window(span=3600.0)
+    for tx in b702861.txs[:50]:
+        w.offer(tx, 1.0)
+    w.connect(b702861.header.hash, 2.0)
+    assert w.block_height(b702861.header.hash) == 702861
+    # The coinbase read after the C (another socket) still names the block.
+    w2 = Window(span=3600.0)
+    w2.connect(b702861.header.hash, 2.0)
+    assert w2.block_height(b702861.header.hash) is None
+    w2.offer(b702861.txs[0], 3.0)
+    assert w2.block_height(b702861.header.hash) == 702861
+    # A coinbase seen long after the C belongs to the next block.
+    w3 = Window(span=3600.0)
+    w3.connect(b702861.header.hash, 2.0)
+    w3.offer(b702861.txs[0], 2.0 + CONFIRM_GRACE + 1.0)
+    assert w3.block_height(b702861.header.hash) is None
+    w3.connect(b"\x33" * 32, 600.0)
+    assert w3.block_height(b"\x33" * 32) == 702861
