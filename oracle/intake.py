@@ -58,6 +58,7 @@ from .logging import RateLimitedLog, kv
 from .metrics import Metrics
 
 __all__ = [
+    "COUNTER_WRAP",
     "INTAKE_TOPICS",
     "MAXMSGSIZE",
     "RCVHWM",
@@ -72,7 +73,8 @@ log = logging.getLogger(__name__)
 
 #: Topics the intake understands.
 INTAKE_TOPICS: Final = ("rawtx", "sequence", "hashblock")
-_WRAP: Final = 2**32
+#: Core's per-topic counters wrap at this value.
+COUNTER_WRAP: Final = 2**32
 #: A counter this close below 2**32 followed by one this close above 0 is a
 #: wrap with a gap, not a restart.
 _WRAP_SLACK: Final = 2**20
@@ -172,15 +174,19 @@ class CounterTracker:
         ``("restart", 0)`` when the counter went back (a restarted node).
         """
         expected = self.expected.get(topic)
-        self.expected[topic] = (counter + 1) % _WRAP
+        self.expected[topic] = (counter + 1) % COUNTER_WRAP
         if expected is None or counter == expected:
             return None
         if counter > expected:
             return ("gap", counter - expected)
         # Smaller than expected: a wrap past 2**32 with messages lost, or a
         # counter that started again.
-        if counter != 0 and expected > _WRAP - _WRAP_SLACK and counter < _WRAP_SLACK:
-            return ("gap", counter + _WRAP - expected)
+        if (
+            counter != 0
+            and expected > COUNTER_WRAP - _WRAP_SLACK
+            and counter < _WRAP_SLACK
+        ):
+            return ("gap", counter + COUNTER_WRAP - expected)
         return ("restart", 0)
 
 
@@ -226,7 +232,7 @@ class _Intake:
         if trouble is not None:
             kind, lost = trouble
             if kind == "gap":
-                expected = (counter - lost) % _WRAP
+                expected = (counter - lost) % COUNTER_WRAP
                 if m is not None:
                     m.lost_messages.labels(topic).inc(lost)
                 self.warn.warning(

@@ -34,7 +34,7 @@ from .decode import (
 from .report import PriceReport, price_blocks, price_vector
 from .rpc import RpcError
 
-__all__ = ["add_arguments", "load_block_file", "run"]
+__all__ = ["add_arguments", "blocks_report", "run"]
 
 _HEIGHT_IN_NAME = re.compile(r"^(\d+)-[0-9a-f]{64}\.bin$")
 
@@ -93,16 +93,12 @@ def _height(path: Path, header: BlockHeader, bip34: int | None) -> int | None:
     return bip34
 
 
-def load_block_file(path: Path) -> tuple[int | None, Block]:
-    """Read and decode one raw block file; its height from BIP34 or the name.
+def _decode(path: Path, data: bytes) -> tuple[int | None, Block]:
+    """Decode one block file's bytes; its height from BIP34 or the name.
 
     Raises:
-      UsageError: unreadable file or malformed block, naming the file.
+      UsageError: a malformed block, naming the file.
     """
-    return _decode(path, _read(path))
-
-
-def _decode(path: Path, data: bytes) -> tuple[int | None, Block]:
     try:
         block = parse_block(data)
     except DecodeError as exc:

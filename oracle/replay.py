@@ -42,6 +42,7 @@ import trio
 import zmq
 
 from .decode import Block, DecodeError, parse_block
+from .intake import COUNTER_WRAP, INTAKE_TOPICS
 from .logging import kv, setup_logging
 
 __all__ = [
@@ -56,11 +57,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The topics this publisher knows, in the order Core announces them.
-TOPICS: Final = ("rawtx", "sequence", "hashblock")
+#: The topics this publisher knows, in the order Core announces them: the
+#: ones the intake reads.
+TOPICS: Final = INTAKE_TOPICS
 _COUNTER = struct.Struct("<I")
 _MEMPOOL_SEQ = struct.Struct("<Q")
-_WRAP: Final = 2**32
 #: How long :meth:`CorePublisher.wait_subscribed` sleeps between checks when
 #: the socket's descriptor gives no signal (it is edge-triggered and another
 #: call on the socket may have consumed the edge).
@@ -187,7 +188,7 @@ class CorePublisher:
             )
         except zmq.Again:
             self.dropped += 1
-        self.counters[topic] = (counter + 1) % _WRAP
+        self.counters[topic] = (counter + 1) % COUNTER_WRAP
         return counter
 
     def publish_mempool_tx(self, raw_tx: bytes, txid: bytes, mempool_seq: int) -> None:

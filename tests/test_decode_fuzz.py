@@ -70,14 +70,10 @@ def _corpus() -> tuple[list[bytes], list[bytes]]:
 TXS, BLOCKS = _corpus()
 
 
-def _compact(n: int) -> bytes:
-    if n < 0xFD:
-        return bytes([n])
-    if n <= 0xFFFF:
-        return b"\xfd" + struct.pack("<H", n)
-    if n <= 0xFFFFFFFF:
-        return b"\xfe" + struct.pack("<I", n)
-    return b"\xff" + struct.pack("<Q", n)
+try:
+    from .test_decode import _compact
+except ImportError:
+    from test_decode import _compact  # type: ignore[no-redef]
 
 
 def _tx_prefix_offsets(tx: Tx, base: int) -> list[int]:
